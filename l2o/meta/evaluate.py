@@ -1,0 +1,125 @@
+"""Fair evaluation: learning-rate-tuned baselines against a rule, on held-out tasks.
+
+Baselines (SGD, NAG, RMSprop, Adam) have their learning rate tuned on a log grid over *tuning*
+tasks; then every rule is evaluated on *held-out* tasks drawn with a different seed. Scores are the
+mean loss at the final inner step; a rule that produces NaN/Inf at some learning rate scores
+``inf`` there and is never chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..rules import HAND_RULES
+from ..rules.base import Rule
+from ..tasks import TRAIN, Task, TaskFamily
+from ..unroll import init_inner, unroll
+
+__all__ = ["BASELINES", "lr_grid", "loss_curves", "sample_tasks", "tune_lr", "compare"]
+
+#: Baseline names, in the order reports list them.
+BASELINES = ("sgd", "nag", "rmsprop", "adam")
+
+
+def lr_grid(low: float = 1e-4, high: float = 1.0, per_decade: int = 4) -> list[float]:
+    """Log-spaced learning rates from ``low`` to ``high`` inclusive, ``per_decade`` points a decade."""
+    if not (0 < low < high) or per_decade < 1:
+        raise ValueError(f"need 0 < low < high and per_decade >= 1, got {low}, {high}, {per_decade}")
+    n = round(math.log10(high / low) * per_decade)
+    return [low * 10 ** (k / per_decade) for k in range(n + 1)]
+
+
+def sample_tasks(family: TaskFamily, num_instances: int, seed: int) -> list[Task]:
+    """Enough tasks from ``family`` (seeded) to hold ``num_instances`` instances."""
+    if num_instances < 1:
+        raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+    gen = torch.Generator().manual_seed(seed)
+    tasks, count = [], 0
+    while count < num_instances:
+        task = family.sample(gen)
+        tasks.append(task)
+        count += int(task.loss(task.init(torch.Generator().manual_seed(0)), task.sample_batch(TRAIN, gen)).numel())
+    return tasks
+
+
+@torch.no_grad()
+def loss_curves(rule: Rule, tasks: Sequence[Task], steps: int, seed: int, num_instances: int | None = None) -> Tensor:
+    """Per-instance losses at inner steps ``0..steps``, shape ``(steps + 1, instances)``.
+
+    Each task is started from ``task.init`` with a generator seeded by ``seed`` and its index, so
+    every rule sees the same initial params and batches.
+    """
+    curves = []
+    for k, task in enumerate(tasks):
+        gen = torch.Generator().manual_seed(seed + k)
+        inner = init_inner(rule, task, gen)
+        first = task.loss(inner.params, task.sample_batch(TRAIN, gen)).reshape(-1)
+        result = unroll(rule, task, inner, steps=steps, generator=gen, weights=[0.0] * steps)
+        curves.append(torch.cat((first.unsqueeze(0), result.losses)))
+    out = torch.cat(curves, dim=1)
+    return out if num_instances is None else out[:, :num_instances]
+
+
+def _final_score(curves: Tensor) -> float:
+    value = float(curves[-1].mean())
+    return value if math.isfinite(value) else math.inf
+
+
+def tune_lr(make_rule: Callable[[float], Rule], tasks: Sequence[Task], steps: int, lrs: Sequence[float],
+            seed: int) -> tuple[float, dict[float, float]]:
+    """The learning rate from ``lrs`` with the lowest mean final loss on ``tasks``, and all scores."""
+    scores = {lr: _final_score(loss_curves(make_rule(lr), tasks, steps, seed)) for lr in lrs}
+    best = min(scores, key=lambda lr: scores[lr])
+    if not math.isfinite(scores[best]):
+        raise ValueError("every learning rate in the grid diverged on the tuning tasks; widen the grid")
+    return best, scores
+
+
+def _summary(curves: Tensor, lr: float | None) -> dict[str, Any]:
+    final = curves[-1]
+    return {
+        "lr": lr,
+        "final_loss_mean": float(final.mean()),
+        "final_loss_std": float(final.std()) if final.numel() > 1 else 0.0,
+        "curve": [float(v) for v in curves.mean(dim=1)],
+    }
+
+
+def compare(learned: Rule | None, family: TaskFamily, *, horizon: int = 100, num_tasks: int = 1000,
+            num_tuning_tasks: int = 1000, baselines: Sequence[str] = BASELINES,
+            lrs: Sequence[float] | None = None, tuning_seed: int = 10_000, eval_seed: int = 20_000,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Tune each baseline's lr on tuning tasks, then evaluate everything on held-out tasks.
+
+    Returns the report dict (see the README): ``{"task", "horizon", "num_tasks", "results": {name:
+    {"lr", "final_loss_mean", "final_loss_std", "curve"}}, "tuning": {name: {lr: score}}}``.
+    """
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+    if tuning_seed == eval_seed:
+        raise ValueError("tuning_seed and eval_seed must differ so that held-out tasks are not tuning tasks")
+    unknown = [b for b in baselines if b not in HAND_RULES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(HAND_RULES)}")
+    lrs = list(lrs) if lrs is not None else lr_grid()
+    tuning = sample_tasks(family, num_tuning_tasks, tuning_seed)
+    held_out = sample_tasks(family, num_tasks, eval_seed)
+    results: dict[str, Any] = {}
+    tuning_scores: dict[str, Any] = {}
+    if learned is not None:
+        if progress:
+            progress("learned")
+        results["learned"] = _summary(loss_curves(learned, held_out, horizon, eval_seed, num_tasks), None)
+    for name in baselines:
+        if progress:
+            progress(name)
+        cls = HAND_RULES[name]
+        best, scores = tune_lr(lambda lr: cls(lr=lr), tuning, horizon, lrs, tuning_seed)
+        tuning_scores[name] = {f"{lr:.6g}": s for lr, s in scores.items()}
+        results[name] = _summary(loss_curves(cls(lr=best), held_out, horizon, eval_seed, num_tasks), best)
+    name = getattr(family, "name", type(family).__name__)
+    return {"task": name, "horizon": horizon, "num_tasks": num_tasks, "results": results, "tuning": tuning_scores}

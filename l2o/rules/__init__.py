@@ -1,0 +1,26 @@
+"""Update rules: the :class:`Rule` contract and its implementations (see ``l2o.rules.base``)."""
+
+from .base import Rule, check_hyperparameter
+from .hand import HAND_RULES, NAG, SGD, Adam, AdamState, RMSprop, RMSpropState, SGDState
+from .lstm import LSTMRule, LSTMState
+from .preprocess import PREPROCESSORS
+
+#: Every rule a checkpoint may name, by :attr:`Rule.name`.
+RULES: dict[str, type[Rule]] = {**HAND_RULES, LSTMRule.name: LSTMRule}
+
+__all__ = [
+    "Rule",
+    "check_hyperparameter",
+    "SGD",
+    "NAG",
+    "RMSprop",
+    "Adam",
+    "SGDState",
+    "RMSpropState",
+    "AdamState",
+    "HAND_RULES",
+    "LSTMRule",
+    "LSTMState",
+    "PREPROCESSORS",
+    "RULES",
+]

@@ -1,0 +1,272 @@
+r"""The coordinate-wise LSTM rule of Andrychowicz et al. (2016).
+
+Every coordinate :math:`i` of every optimizee tensor is one row of a batch; one small LSTM with
+shared weights :math:`\Phi` runs on all rows at once, each row with its own hidden state:
+
+.. math::
+    x_t^i &= \operatorname{pre}(\nabla_i f(\theta_t)) \\
+    (h^{i}_{t+1}, c^{i}_{t+1}) &= \operatorname{LSTM}_\Phi(x_t^i, h_t^i, c_t^i)
+        \quad\text{(stacked, } L \text{ layers of } H \text{ units)}\\
+    u_t^i &= s \cdot (w_{\text{out}}^\top h^{i,(L)}_{t+1} + b_{\text{out}}),
+    \qquad \theta_{t+1}^i = \theta_t^i + u_t^i
+
+with the output scale :math:`s` (paper: 1 on quadratics, 0.1 on MNIST). Each layer is the standard
+LSTM cell with gates :math:`i, f, o = \sigma(\cdot)` and :math:`g = \tanh(\cdot)`:
+:math:`c' = f \odot c + i \odot g`, :math:`h' = o \odot \tanh(c')`.
+
+Because the weights are shared and rows never interact, the rule is separable per tensor and
+equivariant to permuting coordinates.
+
+Implementation: all state is stored feature-major, ``(H, N)``, so that every gate is a contiguous
+block of memory, and one :class:`torch.autograd.Function` computes a whole step (all layers and the
+output) with a hand-written backward. It uses :math:`\tanh(x) = 2\sigma(2x) - 1` (``tanh`` is several
+times slower than ``sigmoid`` on CPU). ``fused=False`` selects a plain-autograd reference
+implementation of the same math (used by the tests, and twice differentiable).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..tree import Params, flatten, num_elements
+from .base import Rule, check_hyperparameter
+from .preprocess import PREPROCESSORS, num_features, preprocess
+
+__all__ = ["LSTMRule", "LSTMState"]
+
+
+class LSTMState(NamedTuple):
+    """Per-coordinate recurrent state: one ``(H, N)`` hidden and cell tensor per layer."""
+
+    hidden: tuple[Tensor, ...]
+    cell: tuple[Tensor, ...]
+
+
+def _sigmoid_tanh(x: Tensor) -> Tensor:
+    """``tanh(x)`` computed as ``2 sigmoid(2x) - 1`` (much faster on CPU)."""
+    return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+
+
+def _cell_forward(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor, hidden: int):
+    """One LSTM layer, feature-major; returns new (h, c) and what the backward needs.
+
+    The cell-gate rows of the pre-activations are doubled so that one ``sigmoid`` over all four
+    gates gives ``i, f, o`` and ``sigmoid(2a)``, from which ``g = tanh(a) = 2 sigmoid(2a) - 1``.
+    """
+    xh = torch.cat((x, h)) if x.shape[0] else h
+    gates = torch.mm(weight, xh).add_(bias.unsqueeze(1))
+    gates[3 * hidden:] *= 2.0
+    s = gates.sigmoid_()
+    i, f, o = s[:hidden], s[hidden:2 * hidden], s[2 * hidden:3 * hidden]
+    g = s[3 * hidden:] * 2.0 - 1.0
+    c_new = torch.addcmul(f * c, i, g)
+    tc = _sigmoid_tanh(c_new)
+    h_new = o * tc
+    return h_new, c_new, (xh, c, s, g, tc)
+
+
+def _cell_backward(dh: Tensor, dc_new: Tensor, weight: Tensor, saved: tuple, hidden: int):
+    """Backward of :func:`_cell_forward`: returns d(x;h), dc, dweight, dbias.
+
+    With ``s = sigmoid`` of the (cell-rows-doubled) pre-activations, every gate's derivative is
+    ``s (1 - s)`` times the gradient with respect to ``s``; for the cell gate ``g = 2 s - 1`` and
+    the doubling contribute the factor 4.
+    """
+    xh, c, s, g, tc = saved
+    i, f, o = s[:hidden], s[hidden:2 * hidden], s[2 * hidden:3 * hidden]
+    dc = torch.addcmul(dc_new, dh * o, 1.0 - tc * tc)
+    ds = torch.cat((dc * g, dc * c, dh * tc, (dc * i).mul_(4.0)))
+    dgates = ds.mul_(s - s * s)
+    dxh = weight.t() @ dgates
+    dweight = dgates @ xh.t()
+    dbias = dgates.sum(1)
+    return dxh, dc * f, dweight, dbias
+
+
+class _FusedLSTMStep(torch.autograd.Function):
+    """One step of the stacked coordinate-wise LSTM and its output layer, hand-differentiated.
+
+    Inputs: ``x (F, N)``, ``L`` hidden ``(H, N)``, ``L`` cell ``(H, N)``, ``L`` (weight, bias)
+    pairs, output weight ``(1, H)`` and bias ``(1,)``. Outputs: ``u (N,)``, new hidden, new cell.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, num_layers: int, *args: Tensor):
+        hs, cs = args[:num_layers], args[num_layers:2 * num_layers]
+        layer_params = args[2 * num_layers:4 * num_layers]
+        out_w, out_b = args[4 * num_layers], args[4 * num_layers + 1]
+        hidden = hs[0].shape[0]
+        new_h, new_c, saved = [], [], []
+        inp = x
+        for layer in range(num_layers):
+            h, c, sv = _cell_forward(inp, hs[layer], cs[layer], layer_params[2 * layer],
+                                     layer_params[2 * layer + 1], hidden)
+            new_h.append(h)
+            new_c.append(c)
+            saved.extend(sv)
+            inp = h
+        u = torch.addmm(out_b.unsqueeze(1), out_w, inp).squeeze(0)
+        ctx.num_layers = num_layers
+        ctx.hidden = hidden
+        ctx.in_features = x.shape[0]
+        ctx.save_for_backward(inp, out_w, *layer_params[0::2], *saved)
+        return (u, *new_h, *new_c)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, du: Tensor, *douts: Tensor):
+        L, H = ctx.num_layers, ctx.hidden
+        top, out_w, *rest = ctx.saved_tensors
+        weights, saved = rest[:L], rest[L:]
+        dh_out, dc_out = douts[:L], douts[L:]
+        du2 = du.unsqueeze(0)
+        d_out_w = du2 @ top.t()
+        d_out_b = du2.sum(1)
+        dh = torch.addmm(dh_out[L - 1], out_w.t(), du2)
+        d_hs, d_cs, d_params = [None] * L, [None] * L, [None] * (2 * L)
+        dx = None
+        for layer in reversed(range(L)):
+            sv = saved[5 * layer:5 * layer + 5]
+            dxh, dc_prev, dw, db = _cell_backward(dh, dc_out[layer], weights[layer], sv, H)
+            n_in = dxh.shape[0] - H
+            d_hs[layer], d_cs[layer] = dxh[n_in:], dc_prev
+            d_params[2 * layer], d_params[2 * layer + 1] = dw, db
+            if layer > 0:
+                dh = dxh[:n_in] + dh_out[layer - 1]
+            else:
+                dx = dxh[:n_in]
+        return (dx, None, *d_hs, *d_cs, *d_params, d_out_w, d_out_b)
+
+
+def _reference_step(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], layer_params: Sequence[Tensor],
+                    out_w: Tensor, out_b: Tensor):
+    """Plain-autograd version of :class:`_FusedLSTMStep` (same math, standard tanh)."""
+    hidden = hs[0].shape[0]
+    new_h, new_c = [], []
+    inp = x
+    for layer, (h, c) in enumerate(zip(hs, cs)):
+        gates = layer_params[2 * layer] @ torch.cat((inp, h)) + layer_params[2 * layer + 1].unsqueeze(1)
+        i, f, o = (torch.sigmoid(gates[k * hidden:(k + 1) * hidden]) for k in range(3))
+        g = torch.tanh(gates[3 * hidden:])
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        new_h.append(h)
+        new_c.append(c)
+        inp = h
+    u = (out_w @ inp + out_b.unsqueeze(1)).squeeze(0)
+    return (u, *new_h, *new_c)
+
+
+class LSTMRule(Rule):
+    r"""Coordinate-wise LSTM update rule (learned; its weights are the meta-params Φ).
+
+    Args:
+        hidden_size: units per layer :math:`H` (paper: 20).
+        num_layers: stacked LSTM layers :math:`L` (paper: 2).
+        preprocess: ``"none"`` (paper, quadratics) or ``"log_sign"`` (paper, App. A).
+        preprocess_p: the :math:`p` of ``log_sign`` (paper: 10).
+        output_scale: :math:`s` multiplying the output layer (paper: 1 on quadratics, 0.1 on MNIST).
+        zero_init_output: start with a zero output layer, so the untrained rule proposes no update.
+        fused: use the hand-differentiated fused step (fast) or the plain-autograd reference.
+
+    Weights follow ``nn.LSTM``'s initialisation, :math:`\mathcal U(-1/\sqrt H, 1/\sqrt H)`, with
+    the forget-gate bias set to 1. Gate order in each ``weight_l`` is (input, forget, output, cell).
+    """
+
+    name = "lstm"
+
+    def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: str = "none",
+                 preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
+                 fused: bool = True) -> None:
+        super().__init__()
+        for arg, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        if preprocess not in PREPROCESSORS:
+            raise ValueError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(PREPROCESSORS)}")
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.preprocess = preprocess
+        self.preprocess_p = check_hyperparameter("preprocess_p", preprocess_p, low=0.0, low_inclusive=False)
+        self.output_scale = check_hyperparameter("output_scale", output_scale, low=0.0, low_inclusive=False)
+        self.zero_init_output = bool(zero_init_output)
+        self.fused = bool(fused)
+        in_features = num_features(preprocess)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer in range(num_layers):
+            n_in = (in_features if layer == 0 else hidden_size) + hidden_size
+            self.weights.append(nn.Parameter(torch.empty(4 * hidden_size, n_in)))
+            self.biases.append(nn.Parameter(torch.empty(4 * hidden_size)))
+        self.out_weight = nn.Parameter(torch.empty(1, hidden_size))
+        self.out_bias = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise Φ (uniform in ±1/√H, forget bias 1, optional zero output layer)."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        H = self.hidden_size
+        with torch.no_grad():
+            for w, b in zip(self.weights, self.biases):
+                w.uniform_(-bound, bound)
+                b.uniform_(-bound, bound)
+                b[H:2 * H].fill_(1.0)
+            if self.zero_init_output:
+                self.out_weight.zero_()
+                self.out_bias.zero_()
+            else:
+                self.out_weight.uniform_(-bound, bound)
+                self.out_bias.uniform_(-bound, bound)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "preprocess": self.preprocess,
+            "preprocess_p": self.preprocess_p,
+            "output_scale": self.output_scale,
+            "zero_init_output": self.zero_init_output,
+            "fused": self.fused,
+        }
+
+    def init(self, params: Params) -> LSTMState:
+        """Zero hidden and cell states, ``(H, N)`` per layer, ``N`` = coordinates in ``params``."""
+        n = num_elements(params)
+        ref = self.out_weight
+        zeros = tuple(torch.zeros(self.hidden_size, n, dtype=ref.dtype, device=ref.device)
+                      for _ in range(2 * self.num_layers))
+        return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:])
+
+    def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
+               loss: Tensor | None = None) -> tuple[Params, LSTMState]:
+        """One inner step on all coordinates of all tensors at once (see the module docstring)."""
+        if grads.keys() != params.keys():
+            raise ValueError(f"grads and params have different keys: {sorted(grads)} vs {sorted(params)}")
+        dtype = self.out_weight.dtype
+        flat = flatten(grads).to(dtype)
+        n = flat.shape[0]
+        if state.hidden[0].shape[1] != n:
+            raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but the grads have {n}: "
+                             "call rule.init(params) for these params")
+        x = preprocess(flat, self.preprocess, self.preprocess_p)
+        layer_params = [t for pair in zip(self.weights, self.biases) for t in pair]
+        if self.fused:
+            out = _FusedLSTMStep.apply(x, self.num_layers, *state.hidden, *state.cell, *layer_params,
+                                       self.out_weight, self.out_bias)
+        else:
+            out = _reference_step(x, state.hidden, state.cell, layer_params, self.out_weight, self.out_bias)
+        u = out[0] * self.output_scale
+        L = self.num_layers
+        new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]))
+        updates: Params = {}
+        offset = 0
+        for k, p in params.items():
+            size = p.numel()
+            updates[k] = u[offset:offset + size].reshape(p.shape).to(p.dtype)
+            offset += size
+        return updates, new_state

@@ -1,0 +1,51 @@
+"""The task protocols the engine and trainers program against (optimizees implement them).
+
+A **task** is one optimizee problem instance; a **task family** samples tasks. Tasks may batch
+many independent instances (128 quadratics, 25 sine waves): their ``loss`` then returns one loss
+per instance, the engine differentiates the *sum* (so every instance gets its own exact gradient,
+exactly as if optimised alone) and reports and meta-trains on the *mean*.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .tree import Params
+
+__all__ = ["Task", "TaskFamily", "TRAIN", "META"]
+
+#: The split a rule's gradients are computed on.
+TRAIN = "train"
+#: The split a meta-loss may read instead, when the task has one (e.g. MAML's query set).
+META = "meta"
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One optimizee problem (possibly a batch of independent instances)."""
+
+    def init(self, generator: torch.Generator) -> Params:
+        """Initial params θ0, drawn from ``generator``."""
+        ...
+
+    def sample_batch(self, split: str, generator: torch.Generator) -> Any:
+        """A batch of data for ``split`` (:data:`TRAIN` or :data:`META`); ``None`` for data-free tasks."""
+        ...
+
+    def loss(self, params: Params, batch: Any) -> Tensor:
+        """A scalar, or a vector with one loss per batched instance."""
+        ...
+
+
+@runtime_checkable
+class TaskFamily(Protocol):
+    """A sampler of tasks."""
+
+    name: str
+
+    def sample(self, generator: torch.Generator) -> Task:
+        """Draw a task."""
+        ...

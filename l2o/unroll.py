@@ -1,0 +1,190 @@
+r"""The unroll engine: every inner loop in l2o (learned optimizers and MAML) runs here.
+
+Given a rule, a task and an :class:`InnerState` (params, rule state, step count), :func:`unroll`
+applies ``K`` inner steps
+
+.. math:: g_t = \nabla f(\theta_t; b_t),\quad (u_t, s_{t+1}) = \text{rule.update}(g_t, s_t, \theta_t),
+          \quad \theta_{t+1} = \theta_t + u_t
+
+and returns the meta-loss :math:`\mathcal L = \sum_{t=1}^{K} w_t\, \bar f(\theta_t)` (``w_t = 1`` by
+default, as in the paper; :math:`\bar f` is the mean over the task's batched instances), read either
+on the training batches or on the task's :data:`~l2o.tasks.META` split.
+
+**First order (default, as in the paper).** The gradients fed to the rule are treated as
+constants, :math:`\partial g_t/\partial\theta_t := 0`; this avoids second derivatives of the task,
+which the paper found unnecessary. Then :math:`\theta_t` depends on the meta-params only through the
+updates, and :math:`\partial\mathcal L/\partial\theta_t = w_t \nabla\bar f(\theta_t)`, a quantity the
+engine computes anyway. So the returned meta-loss carries the value of :math:`\mathcal L` but is
+differentiated through the surrogate :math:`\sum_t w_t\langle\theta_t, \operatorname{sg}(\nabla\bar
+f(\theta_t))\rangle`, which has exactly the same gradient with respect to every meta-param and never
+keeps the task's forward graph alive (one task gradient per step, flat memory in the task).
+
+**Second order** (``second_order=True``, MAML needs it) differentiates through the task gradients
+too (``create_graph=True``) and through the true losses.
+
+:func:`truncate` ends a truncation: it returns a detached copy of the inner state so the next
+segment's graph starts clean (never an in-place ``detach_``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .rules.base import Rule
+from .tasks import META, TRAIN, Task
+from .tree import Params, apply_updates, detach
+
+__all__ = ["InnerState", "UnrollResult", "init_inner", "unroll", "truncate", "loss_and_grads"]
+
+
+class InnerState(NamedTuple):
+    """Where an inner optimisation stands.
+
+    ``grads``/``loss`` cache the training gradient and per-instance loss at ``params`` when known
+    (first-order mode reuses them for the next step instead of recomputing).
+    """
+
+    params: Params
+    rule_state: Any
+    step: int
+    grads: Params | None = None
+    loss: Tensor | None = None
+
+
+class UnrollResult(NamedTuple):
+    """What :func:`unroll` returns.
+
+    ``meta_loss`` is a differentiable scalar (see the module docstring); ``losses`` holds the
+    detached per-instance training losses :math:`f(\\theta_t)` for ``t = 1..K``, shape ``(K, B)``;
+    ``finite`` is False when any loss or gradient was NaN/Inf.
+    """
+
+    meta_loss: Tensor
+    losses: Tensor
+    inner: InnerState
+    finite: bool
+
+
+def init_inner(rule: Rule, task: Task, generator: torch.Generator, params: Params | None = None) -> InnerState:
+    """Start an inner optimisation: θ0 from ``task.init`` (unless given) and ``rule.init``."""
+    if params is None:
+        params = task.init(generator)
+    return InnerState(params=params, rule_state=rule.init(params), step=0)
+
+
+def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool = False) -> tuple[Tensor, Params]:
+    """Per-instance loss and the gradient of its sum at ``params``.
+
+    Without ``create_graph`` the result is detached from any graph that ``params`` carry; with it,
+    the gradients are differentiable functions of ``params`` (second-order mode).
+    """
+    with torch.enable_grad():
+        if create_graph:
+            leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+        else:
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        loss = task.loss(leaves, batch)
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()), create_graph=create_graph, allow_unused=True)
+    out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+    if not create_graph:
+        loss = loss.detach()
+    return loss, out
+
+
+def _all_finite(loss: Tensor, grads: Params) -> Tensor:
+    ok = torch.isfinite(loss).all()
+    for g in grads.values():
+        ok = ok & torch.isfinite(g).all()
+    return ok
+
+
+def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: torch.Generator,
+           weights: Sequence[float] | Tensor | None = None, meta_split: str = TRAIN,
+           second_order: bool = False) -> UnrollResult:
+    """Run ``steps`` inner steps of ``rule`` on ``task`` from ``inner``.
+
+    Args:
+        rule: the update rule (its parameters receive the meta-gradient).
+        task: the optimizee.
+        inner: the starting :class:`InnerState` (see :func:`init_inner`, :func:`truncate`).
+        steps: ``K``, the number of inner steps.
+        generator: draws the task's batches.
+        weights: ``w_1..w_K`` of the meta-loss (default all ones). Zero weights skip the work of
+            their meta-loss terms; ``[0, ..., 0, 1]`` reads only the final params (MAML).
+        meta_split: :data:`~l2o.tasks.TRAIN` (the paper: the meta-loss reads the losses the rule
+            was trained on) or :data:`~l2o.tasks.META` (a separate batch from the task's meta split).
+        second_order: differentiate through the task gradients (``create_graph``).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if meta_split not in (TRAIN, META):
+        raise ValueError(f"meta_split must be {TRAIN!r} or {META!r}, got {meta_split!r}")
+    if weights is None:
+        w = [1.0] * steps
+    else:
+        w = [float(v) for v in weights]
+        if len(w) != steps:
+            raise ValueError(f"weights must have one entry per inner step ({steps}), got {len(w)}")
+
+    params, rule_state, step = inner.params, inner.rule_state, inner.step
+    if inner.grads is not None and not second_order:
+        loss, grads = inner.loss, inner.grads
+    else:
+        loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
+    finite = _all_finite(loss, grads)
+    meta_terms: list[Tensor] = []
+    losses: list[Tensor] = []
+    for t in range(steps):
+        updates, rule_state = rule.update(grads, rule_state, params, step=step, loss=loss)
+        params = apply_updates(params, updates)
+        step += 1
+        loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
+        finite = finite & _all_finite(loss, grads)
+        losses.append(loss.detach().reshape(-1))
+        if w[t] == 0.0:
+            continue
+        if meta_split == TRAIN:
+            m_loss, m_grads = loss, grads
+        else:
+            m_loss, m_grads = loss_and_grads(task, params, task.sample_batch(META, generator), create_graph=second_order)
+            finite = finite & _all_finite(m_loss, m_grads)
+        if second_order:
+            meta_terms.append(w[t] * m_loss.mean())
+        else:
+            meta_terms.append(w[t] * _surrogate(params, m_loss, m_grads))
+    meta_loss = torch.stack(meta_terms).sum() if meta_terms else torch.zeros(())
+    new_inner = InnerState(params, rule_state, step, grads, loss)
+    return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
+
+
+def _surrogate(params: Params, loss: Tensor, grads: Params) -> Tensor:
+    r"""Value :math:`\bar f(\theta)`, gradient :math:`\nabla\bar f(\theta)` through ``params`` only."""
+    n = loss.numel()
+    lin = sum((p * g.detach()).sum() for p, g in zip(params.values(), grads.values())) / n
+    return loss.detach().mean() + (lin - lin.detach())
+
+
+def _detach_tree_like(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, dict):
+        return {k: _detach_tree_like(v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_detach_tree_like(v) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach_tree_like(v) for v in x)
+    return x
+
+
+def truncate(inner: InnerState) -> InnerState:
+    """A copy of ``inner`` with every tensor detached (new tensors; the input is left untouched)."""
+    return InnerState(
+        params=detach(inner.params),
+        rule_state=_detach_tree_like(inner.rule_state),
+        step=inner.step,
+        grads=None if inner.grads is None else detach(inner.grads),
+        loss=None if inner.loss is None else inner.loss.detach(),
+    )

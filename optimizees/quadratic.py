@@ -1,0 +1,91 @@
+r"""Random quadratics (Andrychowicz et al. 2016, §3.1).
+
+.. math:: f(\theta) = \lVert W\theta - y \rVert_2^2,\qquad W_{ij}, y_i \sim \mathcal N(0, 1)
+
+with :math:`W \in \mathbb R^{d\times d}`, :math:`y \in \mathbb R^d` (paper: :math:`d = 10`). A
+:class:`QuadraticTask` holds ``num_functions`` independent quadratics as one batched task: params
+``{"theta": (num_functions, d)}`` and a loss vector with one entry per function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l2o.tree import Params
+
+__all__ = ["QuadraticTask", "QuadraticFamily"]
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class QuadraticTask:
+    """A batch of quadratics :math:`f_b(\\theta_b) = \\lVert W_b\\theta_b - y_b\\rVert^2`.
+
+    Args:
+        W: ``(B, d, d)`` matrices.
+        y: ``(B, d)`` targets.
+        init_std: standard deviation of the Gaussian initial θ (paper's code: 0.01).
+    """
+
+    def __init__(self, W: Tensor, y: Tensor, init_std: float = 0.01) -> None:
+        if W.dim() != 3 or W.shape[1] != W.shape[2] or y.shape != W.shape[:2]:
+            raise ValueError(f"expected W of shape (B, d, d) and y of shape (B, d), got {tuple(W.shape)} and {tuple(y.shape)}")
+        self.W = W
+        self.y = y
+        self.init_std = float(init_std)
+
+    @property
+    def num_functions(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.W.shape[1]
+
+    def init(self, generator: torch.Generator) -> Params:
+        theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype) * self.init_std
+        return {"theta": theta.to(self.y.device)}
+
+    def sample_batch(self, split: str, generator: torch.Generator) -> None:
+        return None  # deterministic: no data to sample
+
+    def loss(self, params: Params, batch: Any = None) -> Tensor:
+        """One loss per function, shape ``(B,)``."""
+        r = torch.bmm(self.W, params["theta"].unsqueeze(-1)).squeeze(-1) - self.y
+        return (r * r).sum(-1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "QuadraticTask":
+        """A copy of the task on another device and/or dtype."""
+        return QuadraticTask(self.W.to(device=device, dtype=dtype), self.y.to(device=device, dtype=dtype), self.init_std)
+
+
+class QuadraticFamily:
+    """Samples :class:`QuadraticTask` batches of ``num_functions`` random ``dim``-dimensional quadratics."""
+
+    name = "quadratic"
+
+    def __init__(self, dim: int = 10, num_functions: int = 128, init_std: float = 0.01,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.dim = _check_positive_int("dim", dim)
+        self.num_functions = _check_positive_int("num_functions", num_functions)
+        if not init_std >= 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std!r}")
+        self.init_std = float(init_std)
+        self.dtype = dtype
+
+    def sample(self, generator: torch.Generator, num_functions: int | None = None) -> QuadraticTask:
+        """Draw a task; ``num_functions`` overrides the family's default batch size."""
+        b = self.num_functions if num_functions is None else _check_positive_int("num_functions", num_functions)
+        W = torch.randn(b, self.dim, self.dim, generator=generator, dtype=self.dtype)
+        y = torch.randn(b, self.dim, generator=generator, dtype=self.dtype)
+        return QuadraticTask(W, y, self.init_std)
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "num_functions": self.num_functions, "init_std": self.init_std}

@@ -1,0 +1,25 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The repository is checked out next to `shared/` (locally and in CI): <parent>/shared/data.
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The shared real-data directory (MNIST, Omniglot); skips, or fails on CI, when absent."""
+    if SHARED_DATA_DIR.is_dir():
+        return SHARED_DATA_DIR
+    message = (
+        f"shared/data missing: expected the shared datasets at {SHARED_DATA_DIR} "
+        "(check out the repository next to shared/)"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,0 +1,170 @@
+"""The coordinate-wise LSTM rule: conformance, fused == reference, and its symmetries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l2o.rules import LSTMRule
+from l2o.rules.lstm import _FusedLSTMStep, _reference_step
+from l2o.rules.preprocess import num_features, preprocess
+from tests.conformance import check_rule
+
+CONFIGS = [
+    dict(),
+    dict(preprocess="log_sign"),
+    dict(hidden_size=7, num_layers=3, output_scale=0.1),
+    dict(num_layers=1, preprocess="log_sign", preprocess_p=5.0),
+    dict(fused=False),
+]
+
+
+def _rule(seed: int = 0, **kw) -> LSTMRule:
+    torch.manual_seed(seed)
+    return LSTMRule(**kw).double()
+
+
+def _random(shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_conformance(kw):
+    check_rule(_rule(**kw))
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("prep", ["none", "log_sign"])
+def test_fused_step_gradcheck(layers, prep):
+    rule = _rule(num_layers=layers, hidden_size=5, preprocess=prep)
+    n, f = 6, num_features(prep)
+    x = _random((f, n), 1).requires_grad_()
+    states = [_random((5, n), 2 + i).requires_grad_() for i in range(2 * layers)]
+    lp = [t for pair in zip(rule.weights, rule.biases) for t in pair]
+    inputs = (x, *states, *lp, rule.out_weight, rule.out_bias)
+    assert torch.autograd.gradcheck(lambda x, *r: _FusedLSTMStep.apply(x, layers, *r), inputs)
+
+
+@pytest.mark.parametrize("kw", CONFIGS[:4])
+def test_fused_matches_reference_over_steps(kw):
+    """Values and meta-gradients of the fused step equal the plain-autograd reference."""
+    fused = _rule(**kw)
+    ref = _rule(**{**kw, "fused": False})
+    ref.load_state_dict(fused.state_dict())
+    params = {"a": _random((4, 3), 3), "b": _random((5,), 4)}
+    outs = []
+    for rule in (fused, ref):
+        state = rule.init(params)
+        total = 0.0
+        for t in range(4):
+            grads = {k: _random(v.shape, 10 + t) for k, v in params.items()}
+            updates, state = rule.update(grads, state, params, step=t)
+            total = total + sum((u * (t + 1)).sum() for u in updates.values()) + state.cell[-1].sum()
+        outs.append((total, torch.autograd.grad(total, list(rule.parameters()))))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_init_output_proposes_no_update():
+    rule = _rule(zero_init_output=True)
+    params = {"w": _random((3, 3), 0)}
+    updates, _ = rule.update({"w": _random((3, 3), 1)}, rule.init(params), params, step=0)
+    assert torch.count_nonzero(updates["w"]) == 0
+    assert torch.count_nonzero(rule.weights[0]) > 0
+
+
+def test_float32_rule_drives_float64_params():
+    torch.manual_seed(0)
+    rule = LSTMRule()
+    params = {"w": _random((3,), 0)}
+    updates, state = rule.update({"w": _random((3,), 1)}, rule.init(params), params, step=0)
+    assert updates["w"].dtype == torch.float64 and state.hidden[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [dict(hidden_size=0), dict(num_layers=-1), dict(hidden_size=2.5),
+                                 dict(preprocess="adam"), dict(output_scale=0.0), dict(preprocess_p=-1.0)])
+def test_bad_arguments(bad):
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        LSTMRule(**bad)
+
+
+def test_state_of_other_params_is_refused():
+    rule = _rule()
+    state = rule.init({"w": _random((3,), 0)})
+    with pytest.raises(ValueError, match="rule.init"):
+        rule.update({"w": _random((4,), 1)}, state, {"w": _random((4,), 2)}, step=0)
+
+
+def _run(rule, params, grad_seq):
+    state = rule.init(params)
+    out = []
+    for t, grads in enumerate(grad_seq):
+        updates, state = rule.update(grads, state, params, step=t)
+        out.append(updates)
+    return out
+
+
+shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape_a=shapes, shape_b=shapes, seed=st.integers(0, 2**16), prep=st.sampled_from(["none", "log_sign"]))
+def test_separable_per_tensor(shape_a, shape_b, seed, prep):
+    """Running two tensors together equals running each alone (no interaction between rows)."""
+    rule = _rule(seed=1, preprocess=prep, hidden_size=6)
+    params = {"a": _random(shape_a, seed), "b": _random(shape_b, seed + 1)}
+    grad_seq = [{k: _random(v.shape, seed + 10 * t + i) for i, (k, v) in enumerate(params.items())} for t in range(3)]
+    together = _run(rule, params, grad_seq)
+    for k in params:
+        alone = _run(rule, {k: params[k]}, [{k: g[k]} for g in grad_seq])
+        for t in range(3):
+            assert together[t][k].shape == params[k].shape and together[t][k].dtype == params[k].dtype
+            torch.testing.assert_close(together[t][k], alone[t][k], rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_permutation_equivariant(n, seed):
+    """Permuting coordinates permutes the updates the same way."""
+    rule = _rule(seed=2, hidden_size=6)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    params = {"w": _random((n,), seed)}
+    grad_seq = [{"w": _random((n,), seed + t + 1)} for t in range(3)]
+    plain = _run(rule, params, grad_seq)
+    permuted = _run(rule, {"w": params["w"][perm]}, [{"w": g["w"][perm]} for g in grad_seq])
+    for a, b in zip(plain, permuted):
+        torch.testing.assert_close(a["w"][perm], b["w"], rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(exponent=st.integers(-30, 30), sign=st.sampled_from([-1.0, 1.0]), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_log_sign_finite_for_extreme_gradients(exponent, sign, dtype):
+    torch.manual_seed(0)
+    rule = LSTMRule(preprocess="log_sign").to(dtype)
+    params = {"w": torch.zeros(5, dtype=dtype)}
+    grads = {"w": torch.full((5,), sign * 10.0 ** exponent, dtype=dtype)}
+    state = rule.init(params)
+    for t in range(3):
+        updates, state = rule.update(grads, state, params, step=t)
+        assert torch.isfinite(updates["w"]).all()
+    stored = grads["w"].double()
+    x = preprocess(stored, "log_sign", 10.0)
+    assert x.abs().max() <= max(1.0, abs(math.log(stored.abs()[0].item())) / 10.0) + 1e-12
+
+
+def test_log_sign_matches_paper_formula():
+    g = torch.tensor([3.0, -1e-2, 1e-6, -1e-8, 0.0], dtype=torch.float64)
+    x = preprocess(g, "log_sign", 10.0)
+    thr = math.exp(-10.0)
+    for j, v in enumerate(g.tolist()):
+        if abs(v) >= thr:
+            expected = (math.log(abs(v)) / 10.0, math.copysign(1.0, v))
+        else:
+            expected = (-1.0, math.exp(10.0) * v)
+        assert x[0, j].item() == pytest.approx(expected[0]) and x[1, j].item() == pytest.approx(expected[1])
