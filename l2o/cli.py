@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--output-scale", type=_positive_float, default=1.0, help="output scale (default 1.0)")
     mt.add_argument("--zero-init-output", action="store_true", help="start from a zero output layer")
     mt.add_argument("--second-order", action="store_true", help="differentiate through task gradients")
+    mt.add_argument("--objective", default=None, choices=["loss", "log_loss"],
+                    help="meta-loss terms: loss (the paper) or log_loss (default for quadratic: log_loss)")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)
 
@@ -127,6 +129,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(config, field, value)
     config.second_order = args.second_order
+    if args.objective is not None:
+        config.objective = args.objective
     config.validate()
     cpu = configure_cpu(args.threads)
     import torch

@@ -37,7 +37,13 @@ from .rules.base import Rule
 from .tasks import META, TRAIN, Task
 from .tree import Params, apply_updates, detach
 
-__all__ = ["InnerState", "UnrollResult", "init_inner", "unroll", "truncate", "loss_and_grads"]
+__all__ = ["InnerState", "UnrollResult", "OBJECTIVES", "init_inner", "unroll", "truncate", "loss_and_grads"]
+
+#: Meta-objectives: ``"loss"`` reads :math:`\bar f(\theta_t)` (the paper); ``"log_loss"`` reads the
+#: mean over instances of :math:`\log(f(\theta_t) + \epsilon)`, which weighs every factor of
+#: improvement equally, so late, small losses still shape the rule.
+OBJECTIVES = ("loss", "log_loss")
+LOG_EPS = 1e-12
 
 
 class InnerState(NamedTuple):
@@ -75,9 +81,12 @@ def init_inner(rule: Rule, task: Task, generator: torch.Generator, params: Param
     return InnerState(params=params, rule_state=rule.init(params), step=0)
 
 
-def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool = False) -> tuple[Tensor, Params]:
+def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool = False,
+                   objective: str = "loss") -> tuple[Tensor, Params]:
     """Per-instance loss and the gradient of its sum at ``params``.
 
+    With ``objective="log_loss"`` the gradient is that of :math:`\sum_b \log(f_b + \epsilon)`
+    instead (each instance's gradient divided by its loss); the returned loss is unchanged.
     Without ``create_graph`` the result is detached from any graph that ``params`` carry; with it,
     the gradients are differentiable functions of ``params`` (second-order mode).
     """
@@ -87,7 +96,9 @@ def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool
         else:
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss = task.loss(leaves, batch)
-        grads = torch.autograd.grad(loss.sum(), list(leaves.values()), create_graph=create_graph, allow_unused=True)
+        weight = 1.0 / (loss.detach() + LOG_EPS) if objective == "log_loss" else torch.ones_like(loss)
+        grads = torch.autograd.grad(loss, list(leaves.values()), grad_outputs=weight, create_graph=create_graph,
+                                    allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
     if not create_graph:
         loss = loss.detach()
@@ -103,7 +114,7 @@ def _all_finite(loss: Tensor, grads: Params) -> Tensor:
 
 def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: torch.Generator,
            weights: Sequence[float] | Tensor | None = None, meta_split: str = TRAIN,
-           second_order: bool = False) -> UnrollResult:
+           second_order: bool = False, objective: str = "loss") -> UnrollResult:
     """Run ``steps`` inner steps of ``rule`` on ``task`` from ``inner``.
 
     Args:
@@ -117,9 +128,13 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         meta_split: :data:`~l2o.tasks.TRAIN` (the paper: the meta-loss reads the losses the rule
             was trained on) or :data:`~l2o.tasks.META` (a separate batch from the task's meta split).
         second_order: differentiate through the task gradients (``create_graph``).
+        objective: what each meta-loss term reads, one of :data:`OBJECTIVES` (default ``"loss"``,
+            the paper's).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if meta_split not in (TRAIN, META):
         raise ValueError(f"meta_split must be {TRAIN!r} or {META!r}, got {meta_split!r}")
     if weights is None:
@@ -141,30 +156,38 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         updates, rule_state = rule.update(grads, rule_state, params, step=step, loss=loss)
         params = apply_updates(params, updates)
         step += 1
-        loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
+        last_batch = task.sample_batch(TRAIN, generator)
+        loss, grads = loss_and_grads(task, params, last_batch, create_graph=second_order)
         finite = finite & _all_finite(loss, grads)
         losses.append(loss.detach().reshape(-1))
         if w[t] == 0.0:
             continue
-        if meta_split == TRAIN:
+        if second_order:
+            m_loss = loss if meta_split == TRAIN else task.loss(params, task.sample_batch(META, generator))
+            term = torch.log(m_loss + LOG_EPS).mean() if objective == "log_loss" else m_loss.mean()
+            meta_terms.append(w[t] * term)
+            continue
+        if meta_split == TRAIN and objective == "loss":
             m_loss, m_grads = loss, grads
         else:
-            m_loss, m_grads = loss_and_grads(task, params, task.sample_batch(META, generator), create_graph=second_order)
+            batch = last_batch if meta_split == TRAIN else task.sample_batch(META, generator)
+            m_loss, m_grads = loss_and_grads(task, params, batch, objective=objective)
             finite = finite & _all_finite(m_loss, m_grads)
-        if second_order:
-            meta_terms.append(w[t] * m_loss.mean())
-        else:
-            meta_terms.append(w[t] * _surrogate(params, m_loss, m_grads))
+        value = torch.log(m_loss + LOG_EPS) if objective == "log_loss" else m_loss
+        meta_terms.append(w[t] * _surrogate(params, value, m_grads))
     meta_loss = torch.stack(meta_terms).sum() if meta_terms else torch.zeros(())
     new_inner = InnerState(params, rule_state, step, grads, loss)
     return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
 
 
-def _surrogate(params: Params, loss: Tensor, grads: Params) -> Tensor:
-    r"""Value :math:`\bar f(\theta)`, gradient :math:`\nabla\bar f(\theta)` through ``params`` only."""
-    n = loss.numel()
+def _surrogate(params: Params, value: Tensor, grads: Params) -> Tensor:
+    r"""Value ``value.mean()``; gradient ``grads / B`` flowing through ``params`` only.
+
+    ``grads`` must be the gradient of ``value.sum()`` with respect to ``params``.
+    """
+    n = value.numel()
     lin = sum((p * g.detach()).sum() for p, g in zip(params.values(), grads.values())) / n
-    return loss.detach().mean() + (lin - lin.detach())
+    return value.detach().mean() + (lin - lin.detach())
 
 
 def _detach_tree_like(x: Any) -> Any:

@@ -25,7 +25,7 @@ def _lstm(seed=0, **kw):
     return LSTMRule(hidden_size=6, **kw).double()
 
 
-def _explicit_meta_loss(rule, task, params, steps, *, first_order=True, weights=None):
+def _explicit_meta_loss(rule, task, params, steps, *, first_order=True, weights=None, objective="loss"):
     """Reference: sum_t w_t mean f(theta_t), with detached (first-order) or live gradients."""
     state = rule.init(params)
     total = 0.0
@@ -39,33 +39,39 @@ def _explicit_meta_loss(rule, task, params, steps, *, first_order=True, weights=
         updates, state = rule.update(grads, state, params, step=t)
         params = apply_updates(params, updates)
         w = 1.0 if weights is None else weights[t]
-        total = total + w * task.loss(params, None).mean()
+        f = task.loss(params, None)
+        total = total + w * (torch.log(f + 1e-12).mean() if objective == "log_loss" else f.mean())
     return total
 
 
+@pytest.mark.parametrize("objective", ["loss", "log_loss"])
 @pytest.mark.parametrize("weights", [None, [0.0, 0.5, 0.0, 2.0, 1.0]])
-def test_first_order_surrogate_equals_explicit_objective(weights):
+def test_first_order_surrogate_equals_explicit_objective(weights, objective):
     task = _task()
     rule = _lstm(preprocess="log_sign")
     gen = torch.Generator().manual_seed(0)
     params = task.init(gen)
-    result = unroll(rule, task, init_inner(rule, task, gen, params), steps=5, generator=gen, weights=weights)
+    result = unroll(rule, task, init_inner(rule, task, gen, params), steps=5, generator=gen, weights=weights,
+                    objective=objective)
     ours = torch.autograd.grad(result.meta_loss, list(rule.parameters()))
-    ref_loss = _explicit_meta_loss(rule, task, params, 5, weights=weights)
+    ref_loss = _explicit_meta_loss(rule, task, params, 5, weights=weights, objective=objective)
     ref = torch.autograd.grad(ref_loss, list(rule.parameters()))
     torch.testing.assert_close(result.meta_loss, ref_loss, rtol=1e-12, atol=0)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_second_order_meta_gradient_matches_explicit():
+@pytest.mark.parametrize("objective", ["loss", "log_loss"])
+def test_second_order_meta_gradient_matches_explicit(objective):
     task = _task(1)
     rule = _lstm(1)
     gen = torch.Generator().manual_seed(0)
     params = task.init(gen)
-    result = unroll(rule, task, init_inner(rule, task, gen, params), steps=3, generator=gen, second_order=True)
+    result = unroll(rule, task, init_inner(rule, task, gen, params), steps=3, generator=gen, second_order=True,
+                    objective=objective)
     ours = torch.autograd.grad(result.meta_loss, list(rule.parameters()))
-    ref = torch.autograd.grad(_explicit_meta_loss(rule, task, params, 3, first_order=False), list(rule.parameters()))
+    ref = torch.autograd.grad(_explicit_meta_loss(rule, task, params, 3, first_order=False, objective=objective),
+                              list(rule.parameters()))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -220,7 +226,8 @@ def test_non_finite_losses_are_reported():
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(steps=0), "steps"), (dict(steps=2, weights=[1.0]), "weights"),
-                                           (dict(steps=2, meta_split="test"), "meta_split")])
+                                           (dict(steps=2, meta_split="test"), "meta_split"),
+                                           (dict(steps=2, objective="mse"), "objective")])
 def test_bad_arguments(kwargs, match):
     task = _task()
     rule = Adam()

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..rules.base import Rule
 from ..tasks import Task, TaskFamily
-from ..unroll import init_inner, truncate, unroll
+from ..unroll import OBJECTIVES, init_inner, truncate, unroll
 
 __all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_train", "validation_loss"]
 
@@ -56,6 +56,8 @@ class MetaTrainConfig:
         num_val_tasks: held-out tasks drawn once for validation.
         seed: seeds task sampling and the rule's initialisation order.
         second_order: differentiate through the task gradients (the paper does not).
+        objective: the meta-loss terms, ``"loss"`` (the paper) or ``"log_loss"`` (see
+            :data:`l2o.unroll.OBJECTIVES`).
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
     """
 
@@ -69,12 +71,15 @@ class MetaTrainConfig:
     num_val_tasks: int = 2
     seed: int = 0
     second_order: bool = False
+    objective: str = "loss"
     max_consecutive_skips: int = 20
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
         for name in ("epochs", "horizon", "truncation", "num_val_tasks", "max_consecutive_skips"):
             _positive_int(name, getattr(self, name))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.truncation > self.horizon:
             raise ValueError(f"truncation ({self.truncation}) must not be longer than the horizon ({self.horizon})")
         if not (isinstance(self.meta_lr, (int, float)) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
@@ -169,7 +174,8 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 steps = min(config.truncation, config.horizon - done)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, meta_step / max(1, total_steps - 1))
-                result = unroll(rule, task, inner, steps=steps, generator=gen, second_order=config.second_order)
+                result = unroll(rule, task, inner, steps=steps, generator=gen, second_order=config.second_order,
+                                objective=config.objective)
                 optimizer.zero_grad(set_to_none=True)
                 ok = result.finite and bool(torch.isfinite(result.meta_loss))
                 if ok:
