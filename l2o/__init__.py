@@ -31,3 +31,8 @@ __all__ = [
     "load_rule",
     "CheckpointError",
 ]
+
+from .optim import LearnedOptimizer  # noqa: E402
+from .pretrained import list_pretrained, load_pretrained  # noqa: E402
+
+__all__ += ["LearnedOptimizer", "list_pretrained", "load_pretrained"]

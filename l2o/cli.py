@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--preprocess", default="none", help="gradient preprocessing: none or log_sign (default none)")
     mt.add_argument("--output-scale", type=_positive_float, default=1.0, help="output scale (default 1.0)")
     mt.add_argument("--zero-init-output", action="store_true", help="start from a zero output layer")
+    mt.add_argument("--step-weights", default=None, choices=["uniform", "linear"],
+                    help="meta-loss weight of inner step t: uniform (the paper, default) or linear (t / horizon)")
     mt.add_argument("--second-order", action="store_true", help="differentiate through task gradients")
     mt.add_argument("--objective", default=None, choices=["loss", "log_loss"],
-                    help="meta-loss terms: loss (the paper) or log_loss (default for quadratic: log_loss)")
+                    help="meta-loss terms: loss (the paper, default) or log_loss")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)
 
@@ -131,6 +133,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     config.second_order = args.second_order
     if args.objective is not None:
         config.objective = args.objective
+    if args.step_weights is not None:
+        config.step_weights = args.step_weights
     config.validate()
     cpu = configure_cpu(args.threads)
     import torch

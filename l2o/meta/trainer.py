@@ -58,6 +58,9 @@ class MetaTrainConfig:
         second_order: differentiate through the task gradients (the paper does not).
         objective: the meta-loss terms, ``"loss"`` (the paper) or ``"log_loss"`` (see
             :data:`l2o.unroll.OBJECTIVES`).
+        step_weights: the meta-loss weight :math:`w_t` of inner step :math:`t` of the horizon:
+            ``"uniform"`` (1, the paper) or ``"linear"`` (:math:`2t/\text{horizon}`, same total
+            weight, more of it on late steps).
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
     """
 
@@ -72,6 +75,7 @@ class MetaTrainConfig:
     seed: int = 0
     second_order: bool = False
     objective: str = "loss"
+    step_weights: str = "uniform"
     max_consecutive_skips: int = 20
 
     def validate(self) -> None:
@@ -80,6 +84,8 @@ class MetaTrainConfig:
             _positive_int(name, getattr(self, name))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.step_weights not in ("uniform", "linear"):
+            raise ValueError(f"step_weights must be 'uniform' or 'linear', got {self.step_weights!r}")
         if self.truncation > self.horizon:
             raise ValueError(f"truncation ({self.truncation}) must not be longer than the horizon ({self.horizon})")
         if not (isinstance(self.meta_lr, (int, float)) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
@@ -174,8 +180,11 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 steps = min(config.truncation, config.horizon - done)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, meta_step / max(1, total_steps - 1))
-                result = unroll(rule, task, inner, steps=steps, generator=gen, second_order=config.second_order,
-                                objective=config.objective)
+                weights = None
+                if config.step_weights == "linear":
+                    weights = [2.0 * (done + k + 1) / config.horizon for k in range(steps)]
+                result = unroll(rule, task, inner, steps=steps, generator=gen, weights=weights,
+                                second_order=config.second_order, objective=config.objective)
                 optimizer.zero_grad(set_to_none=True)
                 ok = result.finite and bool(torch.isfinite(result.meta_loss))
                 if ok:
