@@ -66,7 +66,7 @@ def plain_epoch(net: PlainLSTM, meta_opt: torch.optim.Optimizer, gen: torch.Gene
         meta_opt.zero_grad()
         meta_loss.backward()
         meta_opt.step()
-        total += float(meta_loss)
+        total += float(meta_loss.detach())
         theta = theta.detach().requires_grad_()
         state = tuple((h.detach(), c.detach()) for h, c in state)
     return total
@@ -83,7 +83,7 @@ def library_epoch(rule, meta_opt, family, gen) -> float:
         meta_opt.zero_grad()
         result.meta_loss.backward()
         meta_opt.step()
-        total += float(result.meta_loss)
+        total += float(result.meta_loss.detach())
         inner = truncate(result.inner)
     return total
 

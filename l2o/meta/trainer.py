@@ -64,7 +64,7 @@ class MetaTrainConfig:
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
     """
 
-    epochs: int = 500
+    epochs: int = 1000
     horizon: int = 100
     truncation: int = 20
     meta_lr: float = 1e-2
