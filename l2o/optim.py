@@ -185,7 +185,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"rule must be an l2o rule (l2o.Rule: LSTMRule, SGD, NAG, RMSprop, Adam), got {type(rule).__name__}; "
                 "for a torch.optim optimizer use it directly"
             )
-        assert rule is not None
         rule = copy.deepcopy(rule)
         rule.requires_grad_(False)
         rule.eval()
