@@ -66,12 +66,13 @@ import copy
 import math
 import os
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from .rules.base import Rule
+from .tree import is_namedtuple, state_fill, state_leaves
 
 __all__ = ["LearnedOptimizer"]
 
@@ -95,7 +96,7 @@ def _flatten_state(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any
     ``AdamState(exp_avg={"p": m}, ...)`` gives ``"exp_avg"`` and the LSTM's ``hidden[0]`` gives
     ``"hidden.0"``.
     """
-    if _is_namedtuple(tree):
+    if is_namedtuple(tree):
         return [item for f in tree._fields for item in _flatten_state(getattr(tree, f), (*path, f))]
     if isinstance(tree, (tuple, list)):
         return [item for i, v in enumerate(tree) for item in _flatten_state(v, (*path, str(i)))]
@@ -103,34 +104,6 @@ def _flatten_state(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any
         return [item for k, v in tree.items()
                 for item in _flatten_state(v, path if k == _PARAM_KEY else (*path, str(k)))]
     return [(".".join(path) if path else "state", tree)]
-
-
-def _is_namedtuple(tree: Any) -> bool:
-    return isinstance(tree, tuple) and hasattr(tree, "_fields")
-
-
-def _leaves(tree: Any, out: list[Any]) -> list[Any]:
-    """The leaves of a rule state in :func:`_flatten_state`'s order (without building names)."""
-    if isinstance(tree, dict):
-        for v in tree.values():
-            _leaves(v, out)
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            _leaves(v, out)
-    else:
-        out.append(tree)
-    return out
-
-
-def _fill(template: Any, leaves: Iterator[Any]) -> Any:
-    """Inverse of :func:`_leaves`: the structure of ``template`` with the next ``leaves`` in it."""
-    if _is_namedtuple(template):
-        return type(template)(*(_fill(v, leaves) for v in template))
-    if isinstance(template, (tuple, list)):
-        return type(template)(_fill(v, leaves) for v in template)
-    if isinstance(template, dict):
-        return {k: _fill(v, leaves) for k, v in template.items()}
-    return next(leaves)
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -194,7 +167,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._rule_dtype: torch.dtype | None = next(
             (w.dtype for w in rule.parameters() if w.is_floating_point()), None)
         template = rule.init({_PARAM_KEY: torch.zeros(1)})
-        self._state_template = _fill(template, iter(lambda: None, 0))  # the structure, leaves None
+        self._state_template = state_fill(template, iter(lambda: None, 0))  # the structure, leaves None
         self._state_names = tuple(name for name, _ in _flatten_state(template))
         if "step" in self._state_names or len(set(self._state_names)) != len(self._state_names):
             raise TypeError(f"{type(rule).__name__}'s state has field names {self._state_names} that clash with "
@@ -304,7 +277,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     if isinstance(value, Tensor) and value.is_floating_point():
                         value = value.to(device=p.device, dtype=compute)
                     values.append(value)
-                rule_state = _fill(self._state_template, iter(values))
+                rule_state = state_fill(self._state_template, iter(values))
                 updates, new_state = rule.update({_PARAM_KEY: grad.detach()}, rule_state, {_PARAM_KEY: p.detach()},
                                                  step=state["step"], loss=rule_loss)
                 u = updates[_PARAM_KEY]
@@ -314,7 +287,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     p.add_(u)
                 else:
                     p.add_(u, alpha=lr)
-                for name, value in zip(self._state_names, _leaves(new_state, [])):
+                for name, value in zip(self._state_names, state_leaves(new_state)):
                     if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != storage:
                         value = value.to(storage)
                     state[name] = value

@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from .rules.base import check_positive_int
+
 __all__ = ["configure_cpu"]
 
 _M_TRIM_THRESHOLD = -1
@@ -51,9 +53,7 @@ def configure_cpu(threads: int | None = None, *, flush_denormal: bool = True, ke
     """
     applied: dict[str, object] = {}
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_positive_int("threads", threads))
     applied["threads"] = torch.get_num_threads()
     applied["flush_denormal"] = bool(flush_denormal and torch.set_flush_denormal(True))
     applied["keep_freed_memory"] = bool(keep_freed_memory and _keep_freed_memory(256 << 20))

@@ -7,7 +7,7 @@ can differentiate through any of them.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -16,20 +16,16 @@ Params = dict[str, Tensor]
 
 __all__ = [
     "Params",
-    "tree_map",
     "zeros_like",
     "apply_updates",
     "detach",
     "flatten",
-    "unflatten",
     "num_elements",
-    "all_finite",
+    "is_namedtuple",
+    "state_map",
+    "state_leaves",
+    "state_fill",
 ]
-
-
-def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Params:
-    """Apply ``fn`` leafwise: ``{k: fn(tree[k], rest[0][k], ...)}``, keys and order of ``tree``."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 
 
 def zeros_like(tree: Mapping[str, Tensor]) -> Params:
@@ -67,14 +63,43 @@ def flatten(tree: Mapping[str, Tensor]) -> Tensor:
     return torch.cat(leaves)
 
 
-def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Inverse of :func:`flatten`: split ``flat`` (last dim) into tensors shaped like ``like``."""
-    sizes = [v.numel() for v in like.values()]
-    pieces = torch.split(flat, sizes, dim=-1) if len(sizes) > 1 else (flat,)
-    lead = flat.shape[:-1]
-    return {k: piece.reshape(*lead, *v.shape) for (k, v), piece in zip(like.items(), pieces)}
+# Rule states are nested NamedTuples, tuples, lists and dicts with tensors (or other values) as
+# leaves. These three helpers walk that structure in one fixed order.
 
 
-def all_finite(tree: Mapping[str, Tensor]) -> bool:
-    """True when every element of every leaf is finite."""
-    return all(bool(torch.isfinite(v).all()) for v in tree.values())
+def is_namedtuple(x: Any) -> bool:
+    """True for instances of ``typing.NamedTuple`` / ``collections.namedtuple`` classes."""
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def state_map(fn: Callable[[Tensor], Any], state: Any) -> Any:
+    """The same structure with ``fn`` applied to every tensor leaf (other leaves kept as they are)."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if is_namedtuple(state):
+        return type(state)(*(state_map(fn, v) for v in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(state_map(fn, v) for v in state)
+    if isinstance(state, dict):
+        return {k: state_map(fn, v) for k, v in state.items()}
+    return state
+
+
+def state_leaves(state: Any) -> list[Any]:
+    """Every leaf (tensor or not) of a nested state, in a fixed order."""
+    if isinstance(state, dict):
+        return [leaf for v in state.values() for leaf in state_leaves(v)]
+    if isinstance(state, (tuple, list)):
+        return [leaf for v in state for leaf in state_leaves(v)]
+    return [state]
+
+
+def state_fill(template: Any, leaves: Iterator[Any]) -> Any:
+    """Inverse of :func:`state_leaves`: the structure of ``template`` holding the next ``leaves``."""
+    if is_namedtuple(template):
+        return type(template)(*(state_fill(v, leaves) for v in template))
+    if isinstance(template, (tuple, list)):
+        return type(template)(state_fill(v, leaves) for v in template)
+    if isinstance(template, dict):
+        return {k: state_fill(v, leaves) for k, v in template.items()}
+    return next(leaves)

@@ -33,9 +33,9 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .rules.base import Rule
+from .rules.base import Rule, check_positive_int
 from .tasks import META, TRAIN, Task
-from .tree import Params, apply_updates, detach
+from .tree import Params, apply_updates, detach, state_map
 
 __all__ = ["InnerState", "UnrollResult", "OBJECTIVES", "init_inner", "unroll", "truncate", "loss_and_grads"]
 
@@ -131,8 +131,7 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         objective: what each meta-loss term reads, one of :data:`OBJECTIVES` (default ``"loss"``,
             the paper's).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_positive_int("steps", steps)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if meta_split not in (TRAIN, META):
@@ -190,23 +189,11 @@ def _surrogate(params: Params, value: Tensor, grads: Params) -> Tensor:
     return value.detach().mean() + (lin - lin.detach())
 
 
-def _detach_tree_like(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.detach()
-    if isinstance(x, dict):
-        return {k: _detach_tree_like(v) for k, v in x.items()}
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_detach_tree_like(v) for v in x))
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach_tree_like(v) for v in x)
-    return x
-
-
 def truncate(inner: InnerState) -> InnerState:
     """A copy of ``inner`` with every tensor detached (new tensors; the input is left untouched)."""
     return InnerState(
         params=detach(inner.params),
-        rule_state=_detach_tree_like(inner.rule_state),
+        rule_state=state_map(Tensor.detach, inner.rule_state),
         step=inner.step,
         grads=None if inner.grads is None else detach(inner.grads),
         loss=None if inner.loss is None else inner.loss.detach(),

@@ -14,15 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from l2o.rules.base import check_positive_int
 from l2o.tree import Params
 
 __all__ = ["QuadraticTask", "QuadraticFamily"]
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class QuadraticTask:
@@ -73,8 +68,8 @@ class QuadraticFamily:
 
     def __init__(self, dim: int = 10, num_functions: int = 128, init_std: float = 0.01,
                  dtype: torch.dtype = torch.float32) -> None:
-        self.dim = _check_positive_int("dim", dim)
-        self.num_functions = _check_positive_int("num_functions", num_functions)
+        self.dim = check_positive_int("dim", dim)
+        self.num_functions = check_positive_int("num_functions", num_functions)
         if not init_std >= 0:
             raise ValueError(f"init_std must be >= 0, got {init_std!r}")
         self.init_std = float(init_std)
@@ -82,7 +77,7 @@ class QuadraticFamily:
 
     def sample(self, generator: torch.Generator, num_functions: int | None = None) -> QuadraticTask:
         """Draw a task; ``num_functions`` overrides the family's default batch size."""
-        b = self.num_functions if num_functions is None else _check_positive_int("num_functions", num_functions)
+        b = self.num_functions if num_functions is None else check_positive_int("num_functions", num_functions)
         W = torch.randn(b, self.dim, self.dim, generator=generator, dtype=self.dtype)
         y = torch.randn(b, self.dim, generator=generator, dtype=self.dtype)
         return QuadraticTask(W, y, self.init_std)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from l2o.rules.base import Rule
-from l2o.tree import apply_updates
+from l2o.tree import apply_updates, state_leaves
 
 __all__ = ["check_rule", "random_params", "state_tensors"]
 
@@ -48,13 +48,7 @@ def random_params(gen: torch.Generator, dtype: torch.dtype = torch.float64,
 
 def state_tensors(obj: Any) -> list[Tensor]:
     """All tensors inside a (nested) state: NamedTuples, tuples, lists and dicts, in order."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for k in obj for t in state_tensors(obj[k])]
-    if isinstance(obj, (tuple, list)):
-        return [t for x in obj for t in state_tensors(x)]
-    return []
+    return [leaf for leaf in state_leaves(obj) if isinstance(leaf, Tensor)]
 
 
 def _structure(obj: Any) -> Any:

@@ -14,6 +14,7 @@ from l2o.rules import HAND_RULES, Adam
 from l2o.tasks import META, TRAIN
 from l2o.tree import apply_updates
 from optimizees.quadratic import QuadraticFamily, QuadraticTask
+from tests.helpers import NaNTask
 
 
 def _task(seed=0, b=3, d=4):
@@ -208,15 +209,9 @@ def test_meta_split_reads_the_meta_batch():
     torch.testing.assert_close(result.meta_loss, expected)
 
 
-class _NaNTask(QuadraticTask):
-    def loss(self, params, batch=None):
-        out = super().loss(params, batch)
-        return out * torch.where(params["theta"].abs().sum(-1) > 1.0, float("nan"), 1.0)
-
-
 def test_non_finite_losses_are_reported():
     base = _task()
-    task = _NaNTask(base.W, base.y * 100, init_std=0.0)
+    task = NaNTask(base.W, base.y * 100, limit=1.0)
     rule = Adam(lr=0.5)
     gen = torch.Generator().manual_seed(0)
     result = unroll(rule, task, init_inner(rule, task, gen), steps=5, generator=gen)

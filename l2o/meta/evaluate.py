@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from ..rules import HAND_RULES
-from ..rules.base import Rule
+from ..rules.base import Rule, check_positive_int
 from ..tasks import TRAIN, Task, TaskFamily
-from ..unroll import init_inner, unroll
+from ..unroll import init_inner, loss_and_grads, unroll
 
 __all__ = ["BASELINES", "lr_grid", "loss_curves", "sample_tasks", "tune_lr", "compare"]
 
@@ -57,9 +57,10 @@ def loss_curves(rule: Rule, tasks: Sequence[Task], steps: int, seed: int, num_in
     for k, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed + k)
         inner = init_inner(rule, task, gen)
-        first = task.loss(inner.params, task.sample_batch(TRAIN, gen)).reshape(-1)
+        loss, grads = loss_and_grads(task, inner.params, task.sample_batch(TRAIN, gen))
+        inner = inner._replace(loss=loss, grads=grads)  # the unroll's first step reuses them
         result = unroll(rule, task, inner, steps=steps, generator=gen, weights=[0.0] * steps)
-        curves.append(torch.cat((first.unsqueeze(0), result.losses)))
+        curves.append(torch.cat((loss.reshape(1, -1), result.losses)))
     out = torch.cat(curves, dim=1)
     return out if num_instances is None else out[:, :num_instances]
 
@@ -98,8 +99,7 @@ def compare(learned: Rule | None, family: TaskFamily, *, horizon: int = 100, num
     Returns the report dict (see the README): ``{"task", "horizon", "num_tasks", "results": {name:
     {"lr", "final_loss_mean", "final_loss_std", "curve"}}, "tuning": {name: {lr: score}}}``.
     """
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-        raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+    check_positive_int("horizon", horizon)
     if tuning_seed == eval_seed:
         raise ValueError("tuning_seed and eval_seed must differ so that held-out tasks are not tuning tasks")
     unknown = [b for b in baselines if b not in HAND_RULES]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..rules.base import Rule
+from ..rules.base import Rule, check_positive_int
 from ..tasks import Task, TaskFamily
 from ..unroll import OBJECTIVES, init_inner, truncate, unroll
 
@@ -33,11 +33,6 @@ __all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_trai
 
 class MetaTrainingError(RuntimeError):
     """Meta-training cannot continue (e.g. too many consecutive non-finite meta-steps)."""
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -81,7 +76,7 @@ class MetaTrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
         for name in ("epochs", "horizon", "truncation", "num_val_tasks", "max_consecutive_skips"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.step_weights not in ("uniform", "linear"):
@@ -159,7 +154,7 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     optimizer = torch.optim.Adam(meta_params, lr=config.meta_lr)
     gen = torch.Generator().manual_seed(config.seed)
     val_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
-    val_tasks = [family.sample(val_gen) for _ in range(config.num_val_tasks)]
+    val_tasks = [family.sample(val_gen) for _ in range(config.num_val_tasks)] if config.validate_every else []
     history: dict[str, list[float]] = {"epoch_loss": [], "val_epoch": [], "val_loss": []}
     best_val, best_epoch, best_state = None, None, None
     skipped = consecutive = meta_step = 0

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..tree import Params
 
-__all__ = ["Rule", "check_hyperparameter"]
+__all__ = ["Rule", "check_hyperparameter", "check_positive_int"]
 
 
 class Rule(nn.Module):
@@ -79,3 +79,10 @@ def check_hyperparameter(name: str, value: Any, *, low: float = 0.0, high: float
         hi = "]" if high_inclusive else ")"
         raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
     return v
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an ``int`` >= 1 (not a bool); else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

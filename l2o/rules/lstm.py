@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..tree import Params, flatten, num_elements
-from .base import Rule, check_hyperparameter
+from .base import Rule, check_hyperparameter, check_positive_int
 from .preprocess import PREPROCESSORS, num_features, preprocess
 
 __all__ = ["LSTMRule", "LSTMState"]
@@ -58,7 +58,7 @@ def _cell_forward(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor,
     The cell-gate rows of the pre-activations are doubled so that one ``sigmoid`` over all four
     gates gives ``i, f, o`` and ``sigmoid(2a)``, from which ``g = tanh(a) = 2 sigmoid(2a) - 1``.
     """
-    xh = torch.cat((x, h)) if x.shape[0] else h
+    xh = torch.cat((x, h))
     gates = torch.mm(weight, xh).add_(bias.unsqueeze(1))
     gates[3 * hidden:] *= 2.0
     s = gates.sigmoid_()
@@ -184,9 +184,8 @@ class LSTMRule(Rule):
                  preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
                  fused: bool = True) -> None:
         super().__init__()
-        for arg, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("num_layers", num_layers)
         if preprocess not in PREPROCESSORS:
             raise ValueError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(PREPROCESSORS)}")
         self.hidden_size = hidden_size
