@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from l2o.rules import LSTMRule
 from l2o.rules.lstm import _FusedLSTMStep, _reference_step
-from l2o.rules.preprocess import num_features, preprocess
+from l2o.rules.preprocess import RNNPROP_BETAS, RNNPROP_EPS, rnnprop_inputs, num_features, preprocess
 from tests.conformance import check_rule
 
 CONFIGS = [
@@ -20,6 +20,7 @@ CONFIGS = [
     dict(hidden_size=7, num_layers=3, output_scale=0.1),
     dict(num_layers=1, preprocess="log_sign", preprocess_p=5.0),
     dict(fused=False),
+    dict(preprocess="rnnprop", hidden_size=6),
 ]
 
 
@@ -114,7 +115,7 @@ shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape_a=shapes, shape_b=shapes, seed=st.integers(0, 2**16), prep=st.sampled_from(["none", "log_sign"]))
+@given(shape_a=shapes, shape_b=shapes, seed=st.integers(0, 2**16), prep=st.sampled_from(["none", "log_sign", "rnnprop"]))
 def test_separable_per_tensor(shape_a, shape_b, seed, prep):
     """Running two tensors together equals running each alone (no interaction between rows)."""
     rule = _rule(seed=1, preprocess=prep, hidden_size=6)
@@ -130,9 +131,10 @@ def test_separable_per_tensor(shape_a, shape_b, seed, prep):
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), seed=st.integers(0, 2**16))
-def test_permutation_equivariant(n, seed):
+@pytest.mark.parametrize("prep", ["none", "rnnprop"])
+def test_permutation_equivariant(n, seed, prep):
     """Permuting coordinates permutes the updates the same way."""
-    rule = _rule(seed=2, hidden_size=6)
+    rule = _rule(seed=2, hidden_size=6, preprocess=prep)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     params = {"w": _random((n,), seed)}
     grad_seq = [{"w": _random((n,), seed + t + 1)} for t in range(3)]
@@ -168,3 +170,35 @@ def test_log_sign_matches_paper_formula():
         else:
             expected = (-1.0, math.exp(10.0) * v)
         assert x[0, j].item() == pytest.approx(expected[0]) and x[1, j].item() == pytest.approx(expected[1])
+
+
+def test_rnnprop_inputs_match_adam_formula_and_are_scale_invariant():
+    g_seq = [_random((7,), 40 + t) for t in range(4)]
+    m = torch.zeros(7, dtype=torch.float64)
+    v = torch.zeros(7, dtype=torch.float64)
+    m_ref = torch.zeros(7, dtype=torch.float64)
+    v_ref = torch.zeros(7, dtype=torch.float64)
+    b1, b2 = RNNPROP_BETAS
+    for t, g in enumerate(g_seq):
+        m_prev, v_prev = m, v
+        x, m, v = rnnprop_inputs(g, m, v, t)
+        m_ref = b1 * m_ref + (1 - b1) * g
+        v_ref = b2 * v_ref + (1 - b2) * g * g
+        denom = (v_ref / (1 - b2 ** (t + 1))).sqrt() + RNNPROP_EPS
+        torch.testing.assert_close(v * v, v_ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(x[0], m_ref / (1 - b1 ** (t + 1)) / denom, rtol=1e-12, atol=0)
+        torch.testing.assert_close(x[1], g / denom, rtol=1e-12, atol=0)
+        # the same gradients scaled by 1e4 give (up to eps) the same inputs
+        xs, _, _ = rnnprop_inputs(g * 1e4, m_prev * 1e4, v_prev * 1e4, t)
+        torch.testing.assert_close(xs, x, rtol=1e-6, atol=1e-9)
+    assert x.abs().max() <= 1.0 / math.sqrt(1 - b2) + 1e-9
+
+
+@pytest.mark.parametrize("exponent", [-30, -10, 0, 10, 30])
+def test_rnnprop_finite_for_extreme_gradients(exponent):
+    rule = _rule(preprocess="rnnprop", hidden_size=4).float()
+    params = {"w": torch.zeros(5)}
+    state = rule.init(params)
+    for t in range(3):
+        updates, state = rule.update({"w": torch.full((5,), 10.0 ** exponent)}, state, params, step=t)
+        assert torch.isfinite(updates["w"]).all()

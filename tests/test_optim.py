@@ -42,6 +42,7 @@ def small_lstm(seed: int = 0, **kwargs) -> LSTMRule:
 RULES: dict[str, Callable[[], l2o.Rule]] = {
     "lstm": small_lstm,
     "lstm_log_sign": lambda: small_lstm(1, preprocess="log_sign"),
+    "lstm_rnnprop": lambda: small_lstm(1, preprocess="rnnprop"),
     "sgd": lambda: l2o.SGD(lr=0.05),
     "sgd_momentum": lambda: l2o.SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
     "nag": lambda: l2o.NAG(lr=0.05),

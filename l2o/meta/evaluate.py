@@ -2,8 +2,9 @@
 
 Baselines (SGD, NAG, RMSprop, Adam) have their learning rate tuned on a log grid over *tuning*
 tasks; then every rule is evaluated on *held-out* tasks drawn with a different seed. Scores are the
-mean loss at the final inner step; a rule that produces NaN/Inf at some learning rate scores
-``inf`` there and is never chosen.
+mean loss at the final inner step on each task's evaluation split (:data:`~l2o.tasks.META`: for
+quadratics the function itself, for MNIST MLPs a fixed set of images no minibatch contains); a rule
+that produces NaN/Inf at some learning rate scores ``inf`` there and is never chosen.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from torch import Tensor
 
 from ..rules import HAND_RULES
 from ..rules.base import Rule, check_positive_int
-from ..tasks import TRAIN, Task, TaskFamily
+from ..tasks import META, TRAIN, Task, TaskFamily
 from ..unroll import init_inner, loss_and_grads, unroll
 
-__all__ = ["BASELINES", "lr_grid", "loss_curves", "sample_tasks", "tune_lr", "compare"]
+__all__ = ["BASELINES", "lr_grid", "loss_curves", "run_rule", "sample_tasks", "tune_lr", "compare"]
 
 #: Baseline names, in the order reports list them.
 BASELINES = ("sgd", "nag", "rmsprop", "adam")
@@ -47,13 +48,19 @@ def sample_tasks(family: TaskFamily, num_instances: int, seed: int) -> list[Task
 
 
 @torch.no_grad()
-def loss_curves(rule: Rule, tasks: Sequence[Task], steps: int, seed: int, num_instances: int | None = None) -> Tensor:
-    """Per-instance losses at inner steps ``0..steps``, shape ``(steps + 1, instances)``.
+def run_rule(rule: Rule, tasks: Sequence[Task], steps: int, seed: int,
+             num_instances: int | None = None) -> tuple[Tensor, Tensor]:
+    """Run ``rule`` for ``steps`` inner steps on every task; no meta-gradient.
 
     Each task is started from ``task.init`` with a generator seeded by ``seed`` and its index, so
     every rule sees the same initial params and batches.
+
+    Returns:
+        ``(curves, final)``: the per-instance training losses at inner steps ``0..steps``, shape
+        ``(steps + 1, instances)``, and the per-instance loss of the final params on the task's
+        evaluation split (:data:`~l2o.tasks.META`), shape ``(instances,)``.
     """
-    curves = []
+    curves, finals = [], []
     for k, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed + k)
         inner = init_inner(rule, task, gen)
@@ -61,43 +68,58 @@ def loss_curves(rule: Rule, tasks: Sequence[Task], steps: int, seed: int, num_in
         inner = inner._replace(loss=loss, grads=grads)  # the unroll's first step reuses them
         result = unroll(rule, task, inner, steps=steps, generator=gen, weights=[0.0] * steps)
         curves.append(torch.cat((loss.reshape(1, -1), result.losses)))
-    out = torch.cat(curves, dim=1)
-    return out if num_instances is None else out[:, :num_instances]
+        finals.append(task.loss(result.inner.params, task.sample_batch(META, gen)).detach().reshape(-1))
+    out, final = torch.cat(curves, dim=1), torch.cat(finals)
+    if num_instances is not None:
+        out, final = out[:, :num_instances], final[:num_instances]
+    return out, final
 
 
-def _final_score(curves: Tensor) -> float:
-    value = float(curves[-1].mean())
+def loss_curves(rule: Rule, tasks: Sequence[Task], steps: int, seed: int, num_instances: int | None = None) -> Tensor:
+    """The training-loss curves of :func:`run_rule`, shape ``(steps + 1, instances)``."""
+    return run_rule(rule, tasks, steps, seed, num_instances)[0]
+
+
+def _score(final: Tensor) -> float:
+    value = float(final.mean())
     return value if math.isfinite(value) else math.inf
 
 
 def tune_lr(make_rule: Callable[[float], Rule], tasks: Sequence[Task], steps: int, lrs: Sequence[float],
             seed: int) -> tuple[float, dict[float, float]]:
-    """The learning rate from ``lrs`` with the lowest mean final loss on ``tasks``, and all scores."""
-    scores = {lr: _final_score(loss_curves(make_rule(lr), tasks, steps, seed)) for lr in lrs}
+    """The learning rate from ``lrs`` with the lowest mean final evaluation loss on ``tasks``, and all scores."""
+    scores = {lr: _score(run_rule(make_rule(lr), tasks, steps, seed)[1]) for lr in lrs}
     best = min(scores, key=lambda lr: scores[lr])
     if not math.isfinite(scores[best]):
         raise ValueError("every learning rate in the grid diverged on the tuning tasks; widen the grid")
     return best, scores
 
 
-def _summary(curves: Tensor, lr: float | None) -> dict[str, Any]:
-    final = curves[-1]
+def _summary(curves: Tensor, final: Tensor, lr: float | None) -> dict[str, Any]:
     return {
         "lr": lr,
         "final_loss_mean": float(final.mean()),
         "final_loss_std": float(final.std()) if final.numel() > 1 else 0.0,
+        "final_train_loss_mean": float(curves[-1].mean()),
         "curve": [float(v) for v in curves.mean(dim=1)],
     }
 
 
-def compare(learned: Rule | None, family: TaskFamily, *, horizon: int = 100, num_tasks: int = 1000,
+def compare(learned: Rule | dict[str, Rule] | None, family: TaskFamily, *, horizon: int = 100, num_tasks: int = 1000,
             num_tuning_tasks: int = 1000, baselines: Sequence[str] = BASELINES,
             lrs: Sequence[float] | None = None, tuning_seed: int = 10_000, eval_seed: int = 20_000,
+            tuning_family: TaskFamily | None = None,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Tune each baseline's lr on tuning tasks, then evaluate everything on held-out tasks.
 
+    ``learned`` is one rule (reported as ``"learned"``), several by name, or None (baselines
+    only). ``tuning_family`` (default ``family``) draws the tuning tasks, e.g. the same MNIST networks
+    evaluated on the validation images while ``family`` evaluates on the test images.
+
     Returns the report dict (see the README): ``{"task", "horizon", "num_tasks", "results": {name:
-    {"lr", "final_loss_mean", "final_loss_std", "curve"}}, "tuning": {name: {lr: score}}}``.
+    {"lr", "final_loss_mean", "final_loss_std", "final_train_loss_mean", "curve"}}, "tuning":
+    {name: {lr: score}}}``. ``final_loss_*`` are read on the evaluation split at the final step;
+    ``curve`` is the mean training loss at steps ``0..horizon``.
     """
     check_positive_int("horizon", horizon)
     if tuning_seed == eval_seed:
@@ -106,20 +128,23 @@ def compare(learned: Rule | None, family: TaskFamily, *, horizon: int = 100, num
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(HAND_RULES)}")
     lrs = list(lrs) if lrs is not None else lr_grid()
-    tuning = sample_tasks(family, num_tuning_tasks, tuning_seed)
+    tuning = sample_tasks(tuning_family or family, num_tuning_tasks, tuning_seed)
     held_out = sample_tasks(family, num_tasks, eval_seed)
     results: dict[str, Any] = {}
     tuning_scores: dict[str, Any] = {}
-    if learned is not None:
+    learned_rules = {"learned": learned} if isinstance(learned, Rule) else dict(learned or {})
+    for label, rule in learned_rules.items():
+        if label in HAND_RULES:
+            raise ValueError(f"learned rule name {label!r} clashes with a baseline; pick another name")
         if progress:
-            progress("learned")
-        results["learned"] = _summary(loss_curves(learned, held_out, horizon, eval_seed, num_tasks), None)
+            progress(label)
+        results[label] = _summary(*run_rule(rule, held_out, horizon, eval_seed, num_tasks), None)
     for name in baselines:
         if progress:
             progress(name)
         cls = HAND_RULES[name]
         best, scores = tune_lr(lambda lr: cls(lr=lr), tuning, horizon, lrs, tuning_seed)
         tuning_scores[name] = {f"{lr:.6g}": s for lr, s in scores.items()}
-        results[name] = _summary(loss_curves(cls(lr=best), held_out, horizon, eval_seed, num_tasks), best)
+        results[name] = _summary(*run_rule(cls(lr=best), held_out, horizon, eval_seed, num_tasks), best)
     name = getattr(family, "name", type(family).__name__)
     return {"task": name, "horizon": horizon, "num_tasks": num_tasks, "results": results, "tuning": tuning_scores}

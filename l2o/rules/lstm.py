@@ -35,16 +35,18 @@ from torch.autograd.function import once_differentiable
 
 from ..tree import Params, flatten, num_elements
 from .base import Rule, check_hyperparameter, check_positive_int
-from .preprocess import PREPROCESSORS, num_features, preprocess
+from .preprocess import PREPROCESSORS, num_features, preprocess, rnnprop_inputs
 
 __all__ = ["LSTMRule", "LSTMState"]
 
 
 class LSTMState(NamedTuple):
-    """Per-coordinate recurrent state: one ``(H, N)`` hidden and cell tensor per layer."""
+    """Per-coordinate recurrent state: one ``(H, N)`` hidden and cell tensor per layer, and with
+    ``preprocess="rnnprop"`` the gradient's running moments ``(m, √v)``, each ``(N,)`` (else empty)."""
 
     hidden: tuple[Tensor, ...]
     cell: tuple[Tensor, ...]
+    moments: tuple[Tensor, ...] = ()
 
 
 def _sigmoid_tanh(x: Tensor) -> Tensor:
@@ -168,7 +170,9 @@ class LSTMRule(Rule):
     Args:
         hidden_size: units per layer :math:`H` (paper: 20).
         num_layers: stacked LSTM layers :math:`L` (paper: 2).
-        preprocess: ``"none"`` (paper, quadratics) or ``"log_sign"`` (paper, App. A).
+        preprocess: the inputs :math:`\operatorname{pre}`: ``"none"`` (paper, quadratics),
+            ``"log_sign"`` (paper, App. A) or ``"rnnprop"`` (Adam-normalised gradient and
+            momentum, Lv et al. 2017; see :mod:`l2o.rules.preprocess`).
         preprocess_p: the :math:`p` of ``log_sign`` (paper: 10).
         output_scale: :math:`s` multiplying the output layer (paper: 1 on quadratics, 0.1 on MNIST).
         zero_init_output: start with a zero output layer, so the untrained rule proposes no update.
@@ -239,7 +243,10 @@ class LSTMRule(Rule):
         ref = self.out_weight
         zeros = tuple(torch.zeros(self.hidden_size, n, dtype=ref.dtype, device=ref.device)
                       for _ in range(2 * self.num_layers))
-        return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:])
+        moments: tuple[Tensor, ...] = ()
+        if self.preprocess == "rnnprop":
+            moments = (torch.zeros(n, dtype=ref.dtype, device=ref.device), torch.zeros(n, dtype=ref.dtype, device=ref.device))
+        return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:], moments)
 
     def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
                loss: Tensor | None = None) -> tuple[Params, LSTMState]:
@@ -252,7 +259,12 @@ class LSTMRule(Rule):
         if state.hidden[0].shape[1] != n:
             raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but the grads have {n}: "
                              "call rule.init(params) for these params")
-        x = preprocess(flat, self.preprocess, self.preprocess_p)
+        moments = state.moments
+        if self.preprocess == "rnnprop":
+            x, m, v = rnnprop_inputs(flat, moments[0], moments[1], step)
+            moments = (m, v)
+        else:
+            x = preprocess(flat, self.preprocess, self.preprocess_p)
         layer_params = [t for pair in zip(self.weights, self.biases) for t in pair]
         if self.fused:
             out = _FusedLSTMStep.apply(x, self.num_layers, *state.hidden, *state.cell, *layer_params,
@@ -261,7 +273,7 @@ class LSTMRule(Rule):
             out = _reference_step(x, state.hidden, state.cell, layer_params, self.out_weight, self.out_bias)
         u = out[0] * self.output_scale
         L = self.num_layers
-        new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]))
+        new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), moments)
         updates: Params = {}
         offset = 0
         for k, p in params.items():
