@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from . import tree  # noqa: E402
 from .checkpoints import CheckpointError, load_rule, save_rule  # noqa: E402
-from .rules import NAG, RULES, SGD, Adam, LSTMRule, RMSprop, Rule  # noqa: E402
+from .rules import NAG, RULES, SGD, Adam, LSTMRule, MetaSGD, RMSprop, Rule  # noqa: E402
 from .unroll import InnerState, UnrollResult, init_inner, truncate, unroll  # noqa: E402
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "RMSprop",
     "Adam",
     "LSTMRule",
+    "MetaSGD",
     "RULES",
     "unroll",
     "truncate",
@@ -36,3 +37,7 @@ from .optim import LearnedOptimizer  # noqa: E402
 from .pretrained import list_pretrained, load_pretrained  # noqa: E402
 
 __all__ += ["LearnedOptimizer", "list_pretrained", "load_pretrained"]
+
+from .maml import MAML, MAMLInit, SupervisedTask, adaptation_curve  # noqa: E402
+
+__all__ += ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve"]

@@ -50,7 +50,8 @@ class InnerState(NamedTuple):
     """Where an inner optimisation stands.
 
     ``grads``/``loss`` cache the training gradient and per-instance loss at ``params`` when known
-    (first-order mode reuses them for the next step instead of recomputing).
+    (first-order mode reuses them for the next step instead of recomputing; second order leaves
+    ``grads`` empty, since it recomputes them with a graph anyway).
     """
 
     params: Params
@@ -83,7 +84,7 @@ def init_inner(rule: Rule, task: Task, generator: torch.Generator, params: Param
 
 def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool = False,
                    objective: str = "loss") -> tuple[Tensor, Params]:
-    """Per-instance loss and the gradient of its sum at ``params``.
+    r"""Per-instance loss and the gradient of its sum at ``params``.
 
     With ``objective="log_loss"`` the gradient is that of :math:`\sum_b \log(f_b + \epsilon)`
     instead (each instance's gradient divided by its loss); the returned loss is unchanged.
@@ -105,9 +106,9 @@ def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool
     return loss, out
 
 
-def _all_finite(loss: Tensor, grads: Params) -> Tensor:
+def _all_finite(loss: Tensor, grads: Params | None) -> Tensor:
     ok = torch.isfinite(loss).all()
-    for g in grads.values():
+    for g in (grads or {}).values():
         ok = ok & torch.isfinite(g).all()
     return ok
 
@@ -156,7 +157,13 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         params = apply_updates(params, updates)
         step += 1
         last_batch = task.sample_batch(TRAIN, generator)
-        loss, grads = loss_and_grads(task, params, last_batch, create_graph=second_order)
+        if second_order and t == steps - 1:
+            # second order never reuses cached gradients: after the last step only the loss is needed
+            with torch.enable_grad():
+                loss = task.loss(params, last_batch)
+            grads = None
+        else:
+            loss, grads = loss_and_grads(task, params, last_batch, create_graph=second_order)
         finite = finite & _all_finite(loss, grads)
         losses.append(loss.detach().reshape(-1))
         if w[t] == 0.0:

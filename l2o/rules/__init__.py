@@ -3,10 +3,11 @@
 from .base import Rule, check_hyperparameter
 from .hand import HAND_RULES, NAG, SGD, Adam, AdamState, RMSprop, RMSpropState, SGDState
 from .lstm import LSTMRule, LSTMState
+from .metasgd import MetaSGD, MetaSGDState
 from .preprocess import PREPROCESSORS
 
 #: Every rule a checkpoint may name, by :attr:`Rule.name`.
-RULES: dict[str, type[Rule]] = {**HAND_RULES, LSTMRule.name: LSTMRule}
+RULES: dict[str, type[Rule]] = {**HAND_RULES, LSTMRule.name: LSTMRule, MetaSGD.name: MetaSGD}
 
 __all__ = [
     "Rule",
@@ -21,6 +22,8 @@ __all__ = [
     "HAND_RULES",
     "LSTMRule",
     "LSTMState",
+    "MetaSGD",
+    "MetaSGDState",
     "PREPROCESSORS",
     "RULES",
 ]
