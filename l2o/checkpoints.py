@@ -14,12 +14,28 @@ Format (``format_version`` 1)::
 Loading never unpickles arbitrary objects, so a checkpoint can never run code; anything that is
 not this format is refused with a :class:`CheckpointError` saying what was found and what was
 expected.
+
+**Training states** (what ``meta_train(checkpoint_path=...)`` and ``l2o meta-train
+--checkpoint-every N`` write, to resume a run exactly) are plain-data dicts of the same kind::
+
+    {
+        "format": "l2o.training_state",
+        "format_version": 1,
+        "trainer": "meta_train",        # the trainer that wrote it (and alone may resume it)
+        ...                             # the trainer's own keys (see l2o.meta.trainer)
+    }
+
+read by :func:`load_training_state` with ``weights_only=True`` as well. Every file is written by
+:func:`atomic_save`: a temporary file in the same directory, flushed and fsynced, renamed over the
+target with ``os.replace`` and the directory fsynced, so a crash at any moment leaves either the
+previous file or the new one, never a half-written one.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +54,18 @@ __all__ = [
     "rule_from_checkpoint",
     "atomic_save",
     "plain_data",
+    "TRAINING_STATE_FORMAT",
+    "TRAINING_STATE_VERSION",
+    "save_training_state",
+    "load_training_state",
+    "validate_training_state",
 ]
 
 FORMAT = "l2o.rule"
 FORMAT_VERSION = 1
+#: ``format`` / ``format_version`` of a training-state file (see the module docstring).
+TRAINING_STATE_FORMAT = "l2o.training_state"
+TRAINING_STATE_VERSION = 1
 
 
 class CheckpointError(ValueError):
@@ -96,23 +120,70 @@ def plain_data(obj: Any, where: str = "value") -> Any:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+    """``torch.save`` ``obj`` to ``path`` atomically; return ``path`` as a :class:`~pathlib.Path`.
 
-    A crash during the write never leaves a half-written file in place of the previous one.
+    The data goes to a new temporary file in the same directory (so the rename below never crosses
+    file systems), which is flushed and fsynced, then renamed over ``path`` with ``os.replace``
+    (atomic on POSIX and Windows), and finally the directory itself is fsynced so the rename
+    survives a power loss. A crash at any moment leaves either the previous file or the new one in
+    place, never a half-written one; a crash before the rename can at worst leave a stray
+    ``.<name>.<pid>.<random>.tmp`` file next to it. On an error the temporary file is removed and
+    the previous file is untouched.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save to {str(path)!r}: it is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL: never write through a file (or link) someone else put there; mode 0o666 & ~umask,
+    # as for a file created by open().
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """fsync a directory so a rename inside it is durable (POSIX; a no-op where unsupported)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory (EINVAL); the data itself is synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _safe_load(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a :class:`CheckpointError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it is not a plain-data l2o {what} and loading it would "
+            f"require unpickling arbitrary Python objects, which can run code ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"could not read {what} {str(path)!r}: the file is truncated or not a torch.save file ({exc})"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -120,17 +191,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (write one with `l2o meta-train --out {path}`)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {str(path)!r}: it is not a plain-data l2o checkpoint and loading it would "
-            f"require unpickling arbitrary Python objects, which can run code ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"could not read checkpoint {str(path)!r}: the file is truncated or not a torch.save file ({exc})") from None
-    return validate_checkpoint(data, source=str(path))
+    return validate_checkpoint(_safe_load(path, "checkpoint"), source=str(path))
 
 
 def validate_checkpoint(data: Any, source: str = "checkpoint") -> dict[str, Any]:
@@ -173,3 +234,57 @@ def rule_from_checkpoint(data: dict[str, Any], source: str = "checkpoint") -> Ru
 def load_rule(path: str | os.PathLike) -> Rule:
     """Load a rule saved by :func:`save_rule` (or ``l2o meta-train``)."""
     return rule_from_checkpoint(load_checkpoint(path), source=str(path))
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a training-state dict (see :func:`validate_training_state`) atomically to ``path``.
+
+    ``format`` and ``format_version`` are filled in; the rest is the trainer's plain data
+    (tensors, numbers, strings, lists, tuples, dicts). It is checked before anything is written.
+    """
+    data = {"format": TRAINING_STATE_FORMAT, "format_version": TRAINING_STATE_VERSION, **state}
+    validate_training_state(data, source="the training state to save")
+    return atomic_save(data, path)
+
+
+def load_training_state(path: str | os.PathLike, trainer: str | None = None) -> dict[str, Any]:
+    """Read and validate a training-state file (never runs code from the file).
+
+    Args:
+        path: a file written by :func:`save_training_state` (e.g. ``l2o meta-train --checkpoint-every``).
+        trainer: when given, the file must have been written by this trainer (e.g. ``"meta_train"``).
+
+    Raises:
+        CheckpointError: the file is missing, unsafe (needs arbitrary unpickling), truncated, of
+            another format or format version, or from another trainer.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a training-state path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state {str(path)!r} does not exist (write one with "
+                              "`l2o meta-train ... --checkpoint-every N` or meta_train(checkpoint_path=..., "
+                              "checkpoint_every=N))")
+    return validate_training_state(_safe_load(path, "training state"), source=str(path), trainer=trainer)
+
+
+def validate_training_state(data: Any, source: str = "training state", trainer: str | None = None) -> dict[str, Any]:
+    """Check the envelope of a loaded training state (format, version, trainer) and return it."""
+    if not isinstance(data, dict) or data.get("format") != TRAINING_STATE_FORMAT:
+        if isinstance(data, dict):
+            found = f"a dict with format {data.get('format')!r}"
+            if data.get("format") == FORMAT:
+                found += " (a rule checkpoint: pass it to load_rule, or resume from the training-state file)"
+        else:
+            found = type(data).__name__
+        raise CheckpointError(f"{source} is not an l2o training state: expected a dict with format "
+                              f"{TRAINING_STATE_FORMAT!r}, found {found}")
+    version = data.get("format_version")
+    if version != TRAINING_STATE_VERSION:
+        raise CheckpointError(f"{source} has training-state format_version {version!r}; this l2o reads "
+                              f"format_version {TRAINING_STATE_VERSION}")
+    if not isinstance(data.get("trainer"), str):
+        raise CheckpointError(f"{source} is malformed: 'trainer' should be a str, found {type(data.get('trainer')).__name__}")
+    if trainer is not None and data["trainer"] != trainer:
+        raise CheckpointError(f"{source} was written by the {data['trainer']!r} trainer; it cannot resume {trainer!r}")
+    return data

@@ -26,10 +26,44 @@ class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
 
 
+def _mnist_family(args: argparse.Namespace, eval_split: str = "val") -> Any:
+    from optimizees.mlp import MLPFamily
+    from optimizees.rescaled import RescaledFamily
+
+    family: Any = MLPFamily(data_dir=args.data, hidden=args.mlp_hidden, activation=args.activation,
+                            num_networks=args.num_networks, eval_split=eval_split)
+    if getattr(args, "random_scaling", 0.0):
+        family = RescaledFamily(family, args.random_scaling)
+    return family
+
+
 def _task_families() -> dict[str, Callable[[argparse.Namespace], Any]]:
     from optimizees.quadratic import QuadraticFamily
 
-    return {"quadratic": lambda a: QuadraticFamily(dim=a.dim, num_functions=a.num_functions)}
+    return {"quadratic": lambda a: QuadraticFamily(dim=a.dim, num_functions=a.num_functions),
+            "mnist": _mnist_family}
+
+
+#: Per-task defaults of the LSTM rule (the paper's: raw gradients on quadratics; log/sign
+#: preprocessing and output x 0.1 on MNIST).
+RULE_DEFAULTS = {"quadratic": {"preprocess": "none", "output_scale": 1.0},
+                 "mnist": {"preprocess": "log_sign", "output_scale": 0.1}}
+
+
+#: Per-task defaults of ``l2o compare``: held-out and tuning instances, and (mnist) networks per
+#: batched task. MNIST baselines are tuned on the validation images and reported on the test images.
+COMPARE_DEFAULTS = {"quadratic": {"num_tasks": 1000, "num_tuning_tasks": 1000},
+                    "mnist": {"num_tasks": 100, "num_tuning_tasks": 20, "num_networks": 20}}
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer widths such as 20 or 20,20, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive layer widths such as 20 or 20,20, got {text!r}")
+    return widths
 
 
 def _positive_int(text: str) -> int:
@@ -52,11 +86,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task family: quadratic")
+    p.add_argument("--task", required=True, help="task family: quadratic or mnist")
     p.add_argument("--dim", type=_positive_int, default=10, help="quadratic: dimension d (default 10)")
     p.add_argument("--num-functions", type=_positive_int, default=128,
                    help="quadratic: functions batched in one task (default 128)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="mnist: directory with the MNIST IDX files (default: $L2O_DATA)")
+    p.add_argument("--mlp-hidden", type=_widths, default=(20,),
+                   help="mnist: hidden layer widths, comma-separated (default 20; e.g. 40 or 20,20)")
+    p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"],
+                   help="mnist: hidden activation (default sigmoid, the paper's)")
+    p.add_argument("--num-networks", type=_positive_int, default=1,
+                   help="mnist: networks optimised side by side in one task (default 1)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch intra-op threads (default 1: the paper-sized problems are overhead-bound)")
 
@@ -84,8 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     mt.add_argument("--hidden-size", type=_positive_int, default=20, help="LSTM units per layer (default 20)")
     mt.add_argument("--layers", type=_positive_int, default=2, help="LSTM layers (default 2)")
-    mt.add_argument("--preprocess", default="none", help="gradient preprocessing: none or log_sign (default none)")
-    mt.add_argument("--output-scale", type=_positive_float, default=1.0, help="output scale (default 1.0)")
+    mt.add_argument("--preprocess", default=None, choices=["none", "log_sign", "rnnprop"],
+                    help="LSTM inputs: none (quadratic default), log_sign (mnist default) or rnnprop "
+                         "(Adam-normalised gradient and momentum)")
+    mt.add_argument("--output-scale", type=_positive_float, default=None,
+                    help="output scale (default 1.0 on quadratic, 0.1 on mnist)")
+    mt.add_argument("--random-scaling", type=_nonnegative_float, default=0.0,
+                    help="mnist: rescale each coordinate of the optimizee by exp(U[-k, k]) during meta-training "
+                         "(RNNprop-style; default 0: off)")
     mt.add_argument("--zero-init-output", action="store_true", help="start from a zero output layer")
     mt.add_argument("--step-weights", default=None, choices=["uniform", "linear"],
                     help="meta-loss weight of inner step t: uniform (the paper, default) or linear (t / horizon)")
@@ -93,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--objective", default=None, choices=["loss", "log_loss"],
                     help="meta-loss terms: loss (the paper, default) or log_loss")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mt.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                    help="write a training state every N meta-steps (atomically, to --state) so that the run "
+                         "can be continued with --resume")
+    mt.add_argument("--state", type=Path, default=None, metavar="PATH",
+                    help="training-state file for --checkpoint-every (default: <out>.state.pt; with --resume: "
+                         "the file resumed from)")
+    mt.add_argument("--resume", type=Path, default=None, metavar="PATH",
+                    help="continue the run saved in this training-state file, bitwise identically; give the "
+                         "same arguments as the run that wrote it (keeps checkpointing at its interval unless "
+                         "--checkpoint-every is given)")
     mt.set_defaults(func=cmd_meta_train)
 
     cp = sub.add_parser("compare", help="compare a rule with lr-tuned SGD, NAG, RMSprop and Adam",
@@ -103,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(cp)
     cp.add_argument("--rule", type=Path, default=None, help="checkpoint of the learned rule (omit: baselines only)")
     cp.add_argument("--horizon", type=_positive_int, default=100, help="inner steps to evaluate (default 100)")
-    cp.add_argument("--num-tasks", type=_positive_int, default=1000, help="held-out instances (default 1000)")
-    cp.add_argument("--num-tuning-tasks", type=_positive_int, default=1000, help="tuning instances (default 1000)")
+    cp.add_argument("--num-tasks", type=_positive_int, default=None,
+                    help="held-out instances (default 1000 quadratics, 100 mnist networks)")
+    cp.add_argument("--num-tuning-tasks", type=_positive_int, default=None,
+                    help="tuning instances (default 1000 quadratics, 20 mnist networks)")
     cp.add_argument("--seed", type=int, default=10_000, help="tuning seed; held-out tasks use seed + 10000")
     cp.add_argument("--json", type=Path, default=None, help="write the results here")
     cp.add_argument("--plot", type=Path, default=None, help="write a loss-vs-step plot here (PNG/PDF/SVG)")
@@ -120,8 +190,9 @@ def _family(args: argparse.Namespace) -> Any:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from .checkpoints import save_rule
-    from .meta import MetaTrainConfig, meta_train
+    from .checkpoints import load_training_state, save_rule
+    from .meta import MetaTrainConfig, MetaTrainingError, meta_train
+    from .meta.trainer import TRAINER
     from .perf import configure_cpu
     from .rules import LSTMRule
 
@@ -137,15 +208,40 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     if args.step_weights is not None:
         config.step_weights = args.step_weights
     config.validate()
+    # Training states: --checkpoint-every N writes to --state (default <out>.state.pt); --resume PATH
+    # continues from PATH and keeps writing there at the interval it was written with.
+    resume_state = load_training_state(args.resume, trainer=TRAINER) if args.resume is not None else None
+    checkpoint_every = args.checkpoint_every
+    if checkpoint_every is None and resume_state is not None:
+        checkpoint_every = resume_state.get("checkpoint_every")
+        checkpoint_every = checkpoint_every if isinstance(checkpoint_every, int) and checkpoint_every > 0 else None
+    if args.state is not None and checkpoint_every is None:
+        raise UsageError("--state needs --checkpoint-every N (how often to write the training state)")
+    state_path = None
+    if checkpoint_every is not None:
+        state_path = args.state or args.resume or args.out.with_name(args.out.name + ".state.pt")
+        if state_path.resolve() == args.out.resolve():
+            raise UsageError(f"the training state and the checkpoint would both be written to {args.out}; "
+                             "give --state another path")
+        if state_path.is_dir():
+            raise UsageError(f"--state {state_path} is a directory; give a file path")
     cpu = configure_cpu(args.threads)
     import torch
 
     torch.manual_seed(args.seed)
-    rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers, preprocess=args.preprocess,
-                    output_scale=args.output_scale, zero_init_output=args.zero_init_output)
+    defaults = RULE_DEFAULTS[args.task]
+    rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
+                    preprocess=args.preprocess or defaults["preprocess"],
+                    output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
-    result = meta_train(rule, family, config, progress=not args.no_progress)
+    try:
+        result = meta_train(rule, family, config, progress=not args.no_progress, checkpoint_path=state_path,
+                            checkpoint_every=checkpoint_every, resume=args.resume)
+    except MetaTrainingError as exc:
+        if state_path is not None and state_path.is_file():
+            raise MetaTrainingError(f"{exc}; the last good training state is intact in {state_path}") from None
+        raise
     provenance = {
         "task": args.task,
         "task_config": family.config(),
@@ -156,13 +252,19 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "seconds": round(result.seconds, 1),
+        "resumed_at_meta_step": result.resumed_at,
         "command": "l2o " + " ".join(sys.argv[1:]),
         "cpu": cpu,
     }
     save_rule(args.out, result.rule, provenance)
-    print(f"meta-trained {result.meta_steps} meta-steps in {result.seconds:.0f}s "
-          f"(skipped {result.skipped_steps}); best validation loss {result.best_val_loss:.4g} "
-          f"at epoch {result.best_epoch}; wrote {args.out}")
+    resumed = "" if result.resumed_at is None else f" (resumed at meta-step {result.resumed_at})"
+    skipped = (f"skipped {result.skipped_steps} of them (non-finite meta-loss or meta-gradient; tasks resampled)"
+               if result.skipped_steps else "skipped 0")
+    best = ("no validation" if result.best_val_loss is None
+            else f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}")
+    state = "" if state_path is None else f"; training state in {state_path}"
+    print(f"meta-trained {result.meta_steps} meta-steps in {result.seconds:.0f}s{resumed}, {skipped}; {best}; "
+          f"wrote {args.out}{state}")
     return 0
 
 
@@ -190,7 +292,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax.plot(range(len(r["curve"])), r["curve"], label=label, lw=2.2 if name == "learned" else 1.4)
     ax.set_yscale("log")
     ax.set_xlabel("inner step")
-    ax.set_ylabel(f"mean loss over {report['num_tasks']} held-out tasks")
+    ax.set_ylabel(f"mean training loss, {report['num_tasks']} held-out tasks")
     ax.set_title(f"{report['task']}: learned rule vs lr-tuned baselines")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
@@ -205,11 +307,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .meta import compare
     from .perf import configure_cpu
 
-    family = _family(args)
     rule = load_rule(args.rule) if args.rule is not None else None
+    defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
+    if args.task == "mnist":  # tune on the validation images, report on the test images
+        if args.num_networks == 1:
+            args.num_networks = defaults["num_networks"]
+        family = _mnist_family(args, eval_split="test")
+        tuning_family = family.with_eval_split("val")
+    else:
+        family = _family(args)
+        tuning_family = None
     configure_cpu(args.threads)
-    report = compare(rule, family, horizon=args.horizon, num_tasks=args.num_tasks,
-                     num_tuning_tasks=args.num_tuning_tasks, tuning_seed=args.seed, eval_seed=args.seed + 10_000)
+    report = compare(rule, family, horizon=args.horizon, num_tasks=args.num_tasks or defaults["num_tasks"],
+                     num_tuning_tasks=args.num_tuning_tasks or defaults["num_tuning_tasks"],
+                     tuning_seed=args.seed, eval_seed=args.seed + 10_000, tuning_family=tuning_family)
     if args.rule is not None:
         report["rule"] = str(args.rule)
     print(_table(report))

@@ -47,3 +47,34 @@ class SometimesNaNFamily:
         if self.count % self.every == 0:
             return NaNTask(task.W, task.y, limit=1e-3)
         return task
+
+
+class RandomNaNFamily:
+    """Like :class:`SometimesNaNFamily`, but whether a task turns NaN is drawn from the generator
+    (with probability ``p``), so ``sample`` depends on the generator alone: a resumed run redraws
+    exactly the same tasks."""
+
+    name = "random-nan"
+
+    def __init__(self, base, p: float, limit: float = 1e-3) -> None:
+        self.base, self.p, self.limit = base, p, limit
+
+    def sample(self, generator: torch.Generator) -> QuadraticTask:
+        task = self.base.sample(generator)
+        if float(torch.rand((), generator=generator)) < self.p:
+            return NaNTask(task.W, task.y, limit=self.limit)
+        return task
+
+
+class NaNAfterFamily:
+    """The first ``good`` tasks are ordinary; every later one turns NaN after a few inner steps."""
+
+    name = "nan-after"
+
+    def __init__(self, base, good: int) -> None:
+        self.base, self.good, self.count = base, good, 0
+
+    def sample(self, generator: torch.Generator) -> QuadraticTask:
+        task = self.base.sample(generator)
+        self.count += 1
+        return task if self.count <= self.good else NaNTask(task.W, task.y, limit=1e-3)

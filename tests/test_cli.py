@@ -57,9 +57,8 @@ def test_meta_train_then_compare(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["meta-train", "--task", "rosenbrock", "--out", "x.pt"], "unknown task 'rosenbrock'; known tasks: quadratic"),
+    (["meta-train", "--task", "rosenbrock", "--out", "x.pt"], "unknown task 'rosenbrock'; known tasks: mnist, quadratic"),
     (["meta-train", "--task", "quadratic", "--out", "x.pt", "--horizon", "10", "--truncation", "20"], "longer than the horizon"),
-    (["meta-train", "--task", "quadratic", "--out", "x.pt", "--preprocess", "magic"], "unknown preprocess"),
     (["compare", "--task", "quadratic", "--rule", "missing.pt"], "does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, match):
@@ -70,6 +69,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, match
 
 
 @pytest.mark.parametrize("argv", [["meta-train", "--task", "quadratic", "--out", "x.pt", "--meta-lr", "-1"],
+                                  ["meta-train", "--task", "quadratic", "--out", "x.pt", "--preprocess", "magic"],
+                                  ["meta-train", "--task", "mnist", "--out", "x.pt", "--mlp-hidden", "20,0"],
                                   ["compare", "--task", "quadratic", "--horizon", "0"], ["frobnicate"]])
 def test_argparse_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:

@@ -11,24 +11,66 @@ non-finite never reaches :math:`\Phi` (the step is skipped and counted, and the 
 too many consecutive skips stop the run with :class:`MetaTrainingError`. Every
 ``validate_every`` epochs the rule is evaluated on fixed held-out validation tasks and the best
 weights are kept (the paper's early stopping).
+
+**Resumable runs.** With ``checkpoint_path`` and ``checkpoint_every``, a *training state* is written
+atomically (:func:`l2o.checkpoints.atomic_save`) every ``checkpoint_every`` meta-steps and at the
+end; ``resume=path`` continues from one, and the continued run is bitwise identical (on CPU) to one
+that was never interrupted. A training state is a plain-data dict read with
+``torch.load(weights_only=True)``::
+
+    {
+      "format": "l2o.training_state", "format_version": 1, "trainer": "meta_train",
+      "config": {...},                  # MetaTrainConfig.to_dict()        } a resume must match
+      "rule": {"class", "name", "config"},                                  } all three exactly
+      "task_family": {"class", "name", "config"},  # config() when the family has one
+      "checkpoint_every": N,
+      "meta_params": {"rule": state_dict},   # one state_dict per meta-trained module, by name
+      "meta_optimizer": Adam state_dict,
+      "counters": {"epoch", "segment", "meta_step", "skipped", "consecutive_skips", "seconds"},
+      "best": None | {"meta_params": {name: state_dict}, "val_loss": float, "epoch": int},
+      "history": {"epoch_loss": [...], "val_epoch": [...], "val_loss": [...]},
+      "current": None | {               # None at an epoch boundary; else the task mid-horizon:
+          "task_generator_state": ByteTensor,  # the training generator just before family.sample
+          "task_fingerprint": str,             # sha256 of the task's class, tensors and scalars
+          "inner": {"params", "rule_state", "step", "grads", "loss"},  # rule_state as its leaves
+          "epoch_losses": [Tensor, ...]},      # the epoch's segment losses so far
+      "generators": {"train": ByteTensor, "torch_global": ByteTensor},
+      "provenance": {"l2o_version", "torch_version"},
+    }
+
+``epoch`` is the epoch in progress and ``segment`` the next truncation of its horizon. Tasks are
+arbitrary objects, so they are not stored: the task in progress is redrawn from the generator
+state recorded just before it was drawn and checked against its fingerprint. Resuming is therefore
+exact for every task family whose ``sample`` depends on the generator alone (all of
+``optimizees``); a family with hidden state of its own is refused when the redrawn task differs.
+Validation tasks are redrawn from the seed, as at the start of a run.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..checkpoints import CheckpointError, load_training_state, save_training_state
 from ..rules.base import Rule, check_positive_int
 from ..tasks import Task, TaskFamily
-from ..unroll import OBJECTIVES, init_inner, truncate, unroll
+from ..tree import state_fill, state_leaves
+from ..unroll import OBJECTIVES, InnerState, init_inner, truncate, unroll
 
-__all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_train", "validation_loss"]
+__all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_train", "validation_loss", "TRAINER"]
+
+#: The ``trainer`` name recorded in (and required of) this trainer's training states.
+TRAINER = "meta_train"
 
 
 class MetaTrainingError(RuntimeError):
@@ -83,22 +125,37 @@ class MetaTrainConfig:
             raise ValueError(f"step_weights must be 'uniform' or 'linear', got {self.step_weights!r}")
         if self.truncation > self.horizon:
             raise ValueError(f"truncation ({self.truncation}) must not be longer than the horizon ({self.horizon})")
-        if not (isinstance(self.meta_lr, (int, float)) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
+        if not (_is_number(self.meta_lr) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
             raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr!r}")
-        if self.meta_lr_final is not None and not (math.isfinite(self.meta_lr_final) and 0 < self.meta_lr_final):
-            raise ValueError(f"meta_lr_final must be a positive number or None, got {self.meta_lr_final!r}")
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
+        for name in ("meta_lr_final", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
         if isinstance(self.validate_every, bool) or not isinstance(self.validate_every, int) or self.validate_every < 0:
             raise ValueError(f"validate_every must be an integer >= 0, got {self.validate_every!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.second_order, bool):
+            raise ValueError(f"second_order must be True or False, got {self.second_order!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what checkpoints and training states record)."""
         return asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
 class MetaTrainResult:
-    """What :func:`meta_train` returns. ``rule`` holds the best validated weights."""
+    """What :func:`meta_train` returns. ``rule`` holds the best validated weights.
+
+    ``skipped_steps`` counts the meta-steps skipped because their meta-loss or meta-gradient was
+    non-finite; ``meta_steps`` counts all of them (skipped or not); ``seconds`` is the time spent
+    meta-training, over every run of a resumed training; ``resumed_at`` is the meta-step a
+    resumed run continued from (``None`` for a run started from scratch).
+    """
 
     rule: Rule
     best_val_loss: float | None
@@ -107,6 +164,7 @@ class MetaTrainResult:
     meta_steps: int
     seconds: float
     history: dict[str, list[float]] = field(default_factory=dict)
+    resumed_at: int | None = None
 
 
 @torch.no_grad()
@@ -133,20 +191,84 @@ def _lr_at(config: MetaTrainConfig, progress: float) -> float:
     return math.exp(lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress)))
 
 
+@dataclass
+class _Loop:
+    """Everything the meta-training loop changes: what a training state stores (besides the
+    meta-params, the meta-optimizer and the generators)."""
+
+    epoch: int = 0  # the epoch in progress (config.epochs once done)
+    segment: int = 0  # the next truncation of the epoch's horizon
+    meta_step: int = 0
+    skipped: int = 0
+    consecutive: int = 0
+    seconds: float = 0.0  # spent in earlier runs of a resumed training
+    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch_loss": [], "val_epoch": [], "val_loss": []})
+    best_val: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, dict[str, Tensor]] | None = None
+    # the task in progress (all None between epochs)
+    task: Task | None = None
+    task_gen_state: Tensor | None = None
+    task_fingerprint: str | None = None
+    inner: InnerState | None = None
+    epoch_losses: list[Tensor] = field(default_factory=list)
+
+
 def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = None, *,
-               progress: bool = True, callback: Callable[[dict[str, float]], None] | None = None) -> MetaTrainResult:
+               progress: bool = True, callback: Callable[[dict[str, float]], None] | None = None,
+               checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+               resume: str | os.PathLike | None = None) -> MetaTrainResult:
     """Meta-train ``rule`` (in place) on tasks from ``family``; return the best validated rule.
 
     Args:
         rule: a rule with trainable parameters (e.g. :class:`~l2o.rules.LSTMRule`).
         family: the task family to sample training and validation tasks from.
         config: hyperparameters (default :class:`MetaTrainConfig`).
-        progress: show a tqdm progress bar with the meta-loss.
+        progress: show a tqdm progress bar with the meta-loss (and skipped meta-steps, if any).
         callback: called after each epoch with a dict of that epoch's metrics.
+        checkpoint_path: where to write the training state (atomically, replacing the previous
+            one) every ``checkpoint_every`` meta-steps and at the end; give both or neither.
+        checkpoint_every: meta-steps between training states.
+        resume: a training-state file to continue from; ``rule``, ``family`` and ``config`` must
+            be those of the run that wrote it (a mismatch is refused naming the differing fields).
+            The result is bitwise identical on CPU to a run that was never interrupted. ``rule``'s
+            weights are replaced by the stored ones, and the global torch RNG is set to its state
+            at the save (as in the uninterrupted run).
+
+    Raises:
+        TypeError / ValueError: bad arguments or config (naming the argument or field).
+        CheckpointError: ``resume`` is missing, unsafe, malformed, or from a different run.
+        MetaTrainingError: ``config.max_consecutive_skips`` meta-steps in a row were non-finite;
+            the last training state written (if any) is left intact.
     """
-    config = config or MetaTrainConfig()
+    config = MetaTrainConfig() if config is None else config
+    if not isinstance(config, MetaTrainConfig):
+        raise TypeError(f"config must be a MetaTrainConfig, got {type(config).__name__}")
     config.validate()
-    meta_params = [p for p in rule.parameters() if p.requires_grad]
+    if not (isinstance(rule, torch.nn.Module) and callable(getattr(rule, "init", None))
+            and callable(getattr(rule, "update", None))):
+        raise TypeError(f"rule must be an l2o rule (an nn.Module with init and update, e.g. LSTMRule), "
+                        f"got {type(rule).__name__}")
+    if not callable(getattr(family, "sample", None)):
+        raise TypeError(f"family must be a task family (with a sample(generator) method), got {type(family).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_path must be a str or os.PathLike, got {type(checkpoint_path).__name__}")
+    if (checkpoint_path is None) != (checkpoint_every is None):
+        raise ValueError("checkpoint_path and checkpoint_every go together: give both (to write training states) "
+                         f"or neither; got checkpoint_path={checkpoint_path!r}, checkpoint_every={checkpoint_every!r}")
+    if checkpoint_every is not None:
+        check_positive_int("checkpoint_every", checkpoint_every)
+        if Path(checkpoint_path).is_dir():
+            raise ValueError(f"checkpoint_path {str(checkpoint_path)!r} is a directory; give a file path")
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"resume must be the path of a training state (str or os.PathLike), got {type(resume).__name__}")
+
+    # The meta-trained modules, by name: the keys of "meta_params" in a training state. (A further
+    # module, e.g. a learned initialisation, is one more entry here.)
+    modules: dict[str, torch.nn.Module] = {"rule": rule}
+    meta_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     if not meta_params:
         raise ValueError(f"{type(rule).__name__} has no trainable parameters to meta-train")
     segments = math.ceil(config.horizon / config.truncation)
@@ -155,30 +277,48 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     gen = torch.Generator().manual_seed(config.seed)
     val_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
     val_tasks = [family.sample(val_gen) for _ in range(config.num_val_tasks)] if config.validate_every else []
-    history: dict[str, list[float]] = {"epoch_loss": [], "val_epoch": [], "val_loss": []}
-    best_val, best_epoch, best_state = None, None, None
-    skipped = consecutive = meta_step = 0
+    setup = _setup(config, rule, family)
+    loop = _Loop()
+    resumed_at = None
+    if resume is not None:
+        data, source = load_training_state(resume, trainer=TRAINER), repr(str(resume))
+        _restore(data, source, loop, setup=setup, modules=modules, optimizer=optimizer, rule=rule, family=family,
+                 gen=gen, config=config, segments=segments, keep_task_gen_state=checkpoint_path is not None)
+        resumed_at = loop.meta_step
+    saving = checkpoint_path is not None
     start = time.perf_counter()
+
+    def save() -> None:
+        elapsed = loop.seconds + (time.perf_counter() - start)
+        save_training_state(checkpoint_path, _training_state(loop, setup, modules, optimizer, gen, checkpoint_every, elapsed))
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.epochs, desc=f"meta-train {getattr(family, 'name', 'task')}", unit="epoch")
+        bar = tqdm(total=config.epochs, initial=loop.epoch, desc=f"meta-train {getattr(family, 'name', 'task')}",
+                   unit="epoch")
     try:
-        for epoch in range(config.epochs):
-            task = family.sample(gen)
-            inner = init_inner(rule, task, gen)
-            epoch_losses: list[Tensor] = []
-            done = 0
-            for _ in range(segments):
+        while loop.epoch < config.epochs:
+            epoch = loop.epoch
+            if loop.inner is None:  # a new epoch: draw its task (a resumed run may start mid-horizon)
+                loop.task_gen_state = gen.get_state() if saving else None
+                loop.task = family.sample(gen)
+                loop.task_fingerprint = None
+                loop.inner = init_inner(rule, loop.task, gen)
+                loop.epoch_losses = []
+                loop.segment = 0
+            task = loop.task
+            save_after_epoch = False
+            while loop.segment < segments:
+                done = loop.segment * config.truncation
                 steps = min(config.truncation, config.horizon - done)
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(config, meta_step / max(1, total_steps - 1))
+                    group["lr"] = _lr_at(config, loop.meta_step / max(1, total_steps - 1))
                 weights = None
                 if config.step_weights == "linear":
                     weights = [2.0 * (done + k + 1) / config.horizon for k in range(steps)]
-                result = unroll(rule, task, inner, steps=steps, generator=gen, weights=weights,
+                result = unroll(rule, task, loop.inner, steps=steps, generator=gen, weights=weights,
                                 second_order=config.second_order, objective=config.objective)
                 optimizer.zero_grad(set_to_none=True)
                 ok = result.finite and bool(torch.isfinite(result.meta_loss))
@@ -186,47 +326,320 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                     result.meta_loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(meta_params, config.max_grad_norm or math.inf)
                     ok = bool(torch.isfinite(norm))
-                meta_step += 1
+                loop.meta_step += 1
+                due = saving and loop.meta_step % checkpoint_every == 0
                 if not ok:
-                    skipped += 1
-                    consecutive += 1
+                    loop.skipped += 1
+                    loop.consecutive += 1
                     optimizer.zero_grad(set_to_none=True)
-                    if consecutive >= config.max_consecutive_skips:
+                    if loop.consecutive >= config.max_consecutive_skips:
                         raise MetaTrainingError(
-                            f"{consecutive} consecutive meta-steps had a non-finite meta-loss or meta-gradient "
+                            f"{loop.consecutive} consecutive meta-steps had a non-finite meta-loss or meta-gradient "
                             f"(epoch {epoch}); lower meta_lr or the rule's output_scale, or check the task"
                         )
+                    save_after_epoch = save_after_epoch or due
                     break  # this task diverged: resample
-                consecutive = 0
+                loop.consecutive = 0
                 optimizer.step()
-                epoch_losses.append(result.losses.mean())
-                inner = truncate(result.inner)
-                done += steps
-            metrics = {"epoch": float(epoch), "skipped": float(skipped)}
+                loop.epoch_losses.append(result.losses.mean())
+                loop.inner = truncate(result.inner)
+                loop.segment += 1
+                if due:
+                    if loop.segment < segments:
+                        save()  # mid-horizon
+                    else:
+                        save_after_epoch = True  # once the epoch's bookkeeping is done
+            # The epoch is over (horizon reached, or its task diverged).
+            epoch_losses = loop.epoch_losses
+            loop.task = loop.task_gen_state = loop.task_fingerprint = loop.inner = None
+            loop.epoch_losses = []
+            loop.segment = 0
+            loop.epoch = epoch + 1
+            metrics = {"epoch": float(epoch), "skipped": float(loop.skipped)}
             if epoch_losses:
                 metrics["loss"] = float(torch.stack(epoch_losses).mean())
-                history["epoch_loss"].append(metrics["loss"])
+                loop.history["epoch_loss"].append(metrics["loss"])
             if config.validate_every and ((epoch + 1) % config.validate_every == 0 or epoch + 1 == config.epochs):
                 val = validation_loss(rule, val_tasks, config.horizon, config.seed + 7)
-                history["val_epoch"].append(float(epoch + 1))
-                history["val_loss"].append(val)
+                loop.history["val_epoch"].append(float(epoch + 1))
+                loop.history["val_loss"].append(val)
                 metrics["val_loss"] = val
-                if best_val is None or val < best_val:
-                    best_val, best_epoch = val, epoch + 1
-                    best_state = copy.deepcopy(rule.state_dict())
+                if loop.best_val is None or val < loop.best_val:
+                    loop.best_val, loop.best_epoch = val, epoch + 1
+                    loop.best_state = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+            if save_after_epoch and loop.epoch < config.epochs:  # (the end of the run is saved below)
+                save()
             if callback is not None:
                 callback(metrics)
             if bar is not None:
                 post = {"loss": f"{metrics.get('loss', float('nan')):.3g}"}
-                if best_val is not None:
-                    post["best_val"] = f"{best_val:.3g}"
-                if skipped:
-                    post["skipped"] = skipped
+                if loop.best_val is not None:
+                    post["best_val"] = f"{loop.best_val:.3g}"
+                if loop.skipped:
+                    post["skipped"] = loop.skipped
                 bar.set_postfix(post)
                 bar.update(1)
+        if saving:
+            save()
     finally:
         if bar is not None:
             bar.close()
-    if best_state is not None:
-        rule.load_state_dict(best_state)
-    return MetaTrainResult(rule, best_val, best_epoch, skipped, meta_step, time.perf_counter() - start, history)
+    if loop.best_state is not None:
+        for name, state in loop.best_state.items():
+            modules[name].load_state_dict(state)
+    seconds = loop.seconds + (time.perf_counter() - start)
+    return MetaTrainResult(rule, loop.best_val, loop.best_epoch, loop.skipped, loop.meta_step, seconds, loop.history,
+                           resumed_at)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training states: what is written, and how a run is restored from one.
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-like plain data (tuples become lists, unknown objects their ``repr``), so
+    that what a training state records and what a new run describes compare equal exactly when
+    they are the same."""
+    return json.loads(json.dumps(value, default=repr, sort_keys=True))
+
+
+def _describe(obj: Any) -> dict[str, Any]:
+    config = getattr(obj, "config", None)
+    return _plain({"class": type(obj).__name__, "name": getattr(obj, "name", None),
+                   "config": config() if callable(config) else None})
+
+
+def _setup(config: MetaTrainConfig, rule: Rule, family: TaskFamily) -> dict[str, Any]:
+    """What identifies a run: a resume must match all of it."""
+    return {"config": _plain(config.to_dict()), "rule": _describe(rule), "task_family": _describe(family)}
+
+
+#: Tensors with more elements than this (typically a data set a task shares with its family) are
+#: fingerprinted by dtype, shape and this many evenly spaced elements instead of all of them.
+_FINGERPRINT_FULL_LIMIT = 1 << 20
+_FINGERPRINT_SAMPLES = 4096
+
+
+def _task_fingerprint(task: Task) -> str:
+    """sha256 of a task: its class, and the tensors and plain scalars among its attributes
+    (recursively through attributes that are objects, e.g. a wrapped task; 4 levels deep)."""
+    digest = hashlib.sha256()
+    _digest_object(digest, task, depth=0, seen=set())
+    return digest.hexdigest()
+
+
+def _digest_object(digest: Any, obj: Any, depth: int, seen: set[int]) -> None:
+    digest.update(f"<{type(obj).__module__}.{type(obj).__qualname__}>".encode())
+    if depth > 4 or id(obj) in seen or not hasattr(obj, "__dict__"):
+        return
+    seen.add(id(obj))
+    attrs = vars(obj)
+    for name in sorted(attrs):
+        digest.update(b"\0" + str(name).encode())
+        for leaf in state_leaves(attrs[name]):
+            if isinstance(leaf, Tensor):
+                _digest_tensor(digest, leaf)
+            elif leaf is None or isinstance(leaf, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+                digest.update(repr(leaf).encode())
+            else:
+                _digest_object(digest, leaf, depth + 1, seen)
+
+
+def _digest_tensor(digest: Any, tensor: Tensor) -> None:
+    t = tensor.detach()
+    digest.update(f"{t.dtype}{tuple(t.shape)}{t.layout}".encode())
+    if t.layout != torch.strided:
+        return
+    flat = t.reshape(-1)
+    if flat.numel() > _FINGERPRINT_FULL_LIMIT:
+        index = torch.arange(_FINGERPRINT_SAMPLES, device=flat.device) * (flat.numel() - 1) // (_FINGERPRINT_SAMPLES - 1)
+        flat = flat[index]
+    digest.update(flat.cpu().contiguous().view(torch.uint8).numpy())
+
+
+def _training_state(loop: _Loop, setup: dict[str, Any], modules: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer, gen: torch.Generator, checkpoint_every: int | None,
+                    seconds: float) -> dict[str, Any]:
+    from .. import __version__
+
+    current = None
+    if loop.inner is not None:
+        if loop.task_fingerprint is None:
+            loop.task_fingerprint = _task_fingerprint(loop.task)
+        inner = loop.inner
+        current = {
+            "task_generator_state": loop.task_gen_state,
+            "task_fingerprint": loop.task_fingerprint,
+            "inner": {"params": dict(inner.params), "rule_state": state_leaves(inner.rule_state), "step": inner.step,
+                      "grads": None if inner.grads is None else dict(inner.grads), "loss": inner.loss},
+            "epoch_losses": list(loop.epoch_losses),
+        }
+    best = None
+    if loop.best_state is not None:
+        best = {"meta_params": loop.best_state, "val_loss": loop.best_val, "epoch": loop.best_epoch}
+    return {
+        "trainer": TRAINER,
+        **setup,
+        "checkpoint_every": checkpoint_every,
+        "meta_params": {name: m.state_dict() for name, m in modules.items()},
+        "meta_optimizer": optimizer.state_dict(),
+        "counters": {"epoch": loop.epoch, "segment": loop.segment, "meta_step": loop.meta_step,
+                     "skipped": loop.skipped, "consecutive_skips": loop.consecutive, "seconds": seconds},
+        "best": best,
+        "history": loop.history,
+        "current": current,
+        "generators": {"train": gen.get_state(), "torch_global": torch.get_rng_state()},
+        "provenance": {"l2o_version": __version__, "torch_version": str(torch.__version__)},
+    }
+
+
+def _differences(stored: Any, current: Any, where: str = "") -> list[str]:
+    """Dotted names of the fields where two plain-data descriptions differ, with both values."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(stored) | set(current), key=str):
+            name = f"{where}.{key}" if where else str(key)
+            if key not in stored:
+                out.append(f"{name} (not in the file, now {current[key]!r})")
+            elif key not in current:
+                out.append(f"{name} (in the file {stored[key]!r}, not now)")
+            else:
+                out.extend(_differences(stored[key], current[key], name))
+        return out
+    return [] if stored == current else [f"{where} (in the file {stored!r}, now {current!r})"]
+
+
+def _tensors_like(got: Any, expected: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """``got`` if it is a dict of tensors with the keys, shapes and dtypes of ``expected``."""
+    if not isinstance(got, dict) or set(got) != set(expected):
+        found = sorted(got) if isinstance(got, dict) else type(got).__name__
+        raise CheckpointError(f"{where}: expected tensors {sorted(expected)}, found {found}")
+    for k, v in expected.items():
+        t = got[k]
+        if not isinstance(t, Tensor) or t.shape != v.shape or t.dtype != v.dtype:
+            found = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise CheckpointError(f"{where}: {k!r} is {found}, expected {tuple(v.shape)} {v.dtype}")
+    return got
+
+
+def _field(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], source: str) -> Any:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
+        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise CheckpointError(f"{source} is malformed: {key!r} should be {names}, found {type(value).__name__}")
+    return value
+
+
+def _restore(data: dict[str, Any], source: str, loop: _Loop, *, setup: dict[str, Any],
+             modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily,
+             gen: torch.Generator, config: MetaTrainConfig, segments: int, keep_task_gen_state: bool) -> None:
+    """Load a validated training state into the loop, modules, optimizer and generators.
+
+    On any failure nothing is left half-restored: the modules' weights are put back and a
+    :class:`CheckpointError` names the problem.
+    """
+    diffs = _differences({k: data.get(k) for k in setup}, setup)
+    if diffs:
+        raise CheckpointError(f"cannot resume from {source}: it was written by a different run; differing fields: "
+                              f"{'; '.join(diffs)}. Resume with the arguments of that run, or start a new one")
+    backup = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+    global_rng = torch.get_rng_state()
+    try:
+        _restore_unchecked(data, source, loop, modules=modules, optimizer=optimizer, rule=rule, family=family,
+                           gen=gen, config=config, segments=segments, keep_task_gen_state=keep_task_gen_state)
+    except BaseException as exc:
+        for name, state in backup.items():
+            modules[name].load_state_dict(state)
+        torch.set_rng_state(global_rng)
+        if isinstance(exc, CheckpointError) or not isinstance(
+                exc, (KeyError, TypeError, ValueError, RuntimeError, IndexError, StopIteration, AttributeError)):
+            raise
+        raise CheckpointError(f"{source} is malformed and cannot be resumed ({type(exc).__name__}: {exc})") from None
+
+
+def _restore_unchecked(data: dict[str, Any], source: str, loop: _Loop, *, modules: dict[str, torch.nn.Module],
+                       optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily, gen: torch.Generator,
+                       config: MetaTrainConfig, segments: int, keep_task_gen_state: bool) -> None:
+    meta_params = _field(data, "meta_params", dict, source)
+    if set(meta_params) != set(modules):
+        raise CheckpointError(f"{source} holds meta-params of {sorted(meta_params)}; this run meta-trains {sorted(modules)}")
+    for name, module in modules.items():
+        module.load_state_dict(_tensors_like(meta_params[name], module.state_dict(), f"{source}: meta-params {name!r}"))
+    optimizer.load_state_dict(_field(data, "meta_optimizer", dict, source))
+
+    counters = _field(data, "counters", dict, source)
+    for key in ("epoch", "segment", "meta_step", "skipped", "consecutive_skips"):
+        value = _field(counters, key, int, f"{source} counters")
+        if value < 0:
+            raise CheckpointError(f"{source} is malformed: counter {key!r} is {value}")
+    loop.epoch, loop.segment, loop.meta_step = counters["epoch"], counters["segment"], counters["meta_step"]
+    loop.skipped, loop.consecutive = counters["skipped"], counters["consecutive_skips"]
+    loop.seconds = float(_field(counters, "seconds", (int, float), f"{source} counters"))
+    if loop.epoch > config.epochs or loop.segment >= segments or loop.meta_step > config.epochs * segments:
+        raise CheckpointError(f"{source} is malformed: epoch {loop.epoch}, segment {loop.segment}, meta-step "
+                              f"{loop.meta_step} do not fit {config.epochs} epochs of {segments} truncations")
+
+    history = _field(data, "history", dict, source)
+    for key in ("epoch_loss", "val_epoch", "val_loss"):
+        values = _field(history, key, list, f"{source} history")
+        if not all(_is_number(v) for v in values):
+            raise CheckpointError(f"{source} is malformed: history {key!r} should hold numbers")
+    loop.history = {key: [float(v) for v in history[key]] for key in ("epoch_loss", "val_epoch", "val_loss")}
+
+    best = data.get("best")
+    if best is not None:
+        best_params = _field(best, "meta_params", dict, f"{source} best")
+        if set(best_params) != set(modules):
+            raise CheckpointError(f"{source} holds best meta-params of {sorted(best_params)}; this run meta-trains "
+                                  f"{sorted(modules)}")
+        loop.best_state = {name: _tensors_like(best_params[name], m.state_dict(), f"{source}: best meta-params {name!r}")
+                           for name, m in modules.items()}
+        loop.best_val = float(_field(best, "val_loss", (int, float), f"{source} best"))
+        loop.best_epoch = _field(best, "epoch", int, f"{source} best")
+
+    generators = _field(data, "generators", dict, source)
+    train_state = _field(generators, "train", Tensor, f"{source} generators")
+    global_state = _field(generators, "torch_global", Tensor, f"{source} generators")
+    current = data.get("current")
+    if current is None:
+        if loop.segment != 0:
+            raise CheckpointError(f"{source} is malformed: it is at segment {loop.segment} but holds no task in progress")
+    else:
+        _field(current, "task_generator_state", Tensor, f"{source} current")
+        gen.set_state(current["task_generator_state"])
+        task = family.sample(gen)
+        fingerprint = _field(current, "task_fingerprint", str, f"{source} current")
+        if _task_fingerprint(task) != fingerprint:
+            raise CheckpointError(
+                f"cannot resume from {source}: the task family drew a different task from the recorded generator "
+                f"state than the run did, so the run cannot continue exactly (resuming needs a family whose "
+                f"sample() depends on the generator alone)")
+        inner = _field(current, "inner", dict, f"{source} current")
+        template = task.init(torch.Generator().manual_seed(0))
+        params = _tensors_like(inner.get("params"), template, f"{source}: params in progress")
+        leaves = _field(inner, "rule_state", list, f"{source} current inner")
+        expected = state_leaves(rule.init(params))
+        if len(leaves) != len(expected):
+            raise CheckpointError(f"{source}: the rule state in progress has {len(leaves)} leaves, the rule's has "
+                                  f"{len(expected)}")
+        for i, (got, want) in enumerate(zip(leaves, expected)):
+            if isinstance(want, Tensor) and not (isinstance(got, Tensor) and got.shape == want.shape
+                                                 and got.dtype == want.dtype):
+                raise CheckpointError(f"{source}: leaf {i} of the rule state in progress does not match the rule's state")
+        rule_state = state_fill(rule.init(params), iter(leaves))
+        step = _field(inner, "step", int, f"{source} current inner")
+        grads = inner.get("grads")
+        if grads is not None:
+            grads = _tensors_like(grads, template, f"{source}: grads in progress")
+        loss = inner.get("loss")
+        if loss is not None and not isinstance(loss, Tensor):
+            raise CheckpointError(f"{source} is malformed: the loss in progress is a {type(loss).__name__}")
+        epoch_losses = _field(current, "epoch_losses", list, f"{source} current")
+        if len(epoch_losses) != loop.segment or not all(isinstance(v, Tensor) for v in epoch_losses):
+            raise CheckpointError(f"{source} is malformed: expected {loop.segment} segment losses")
+        loop.task, loop.task_fingerprint = task, fingerprint
+        loop.task_gen_state = current["task_generator_state"] if keep_task_gen_state else None
+        loop.inner = InnerState(params, rule_state, step, grads, loss)
+        loop.epoch_losses = list(epoch_losses)
+    gen.set_state(train_state)
+    torch.set_rng_state(global_state)
