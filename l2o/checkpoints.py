@@ -9,6 +9,7 @@ Format (``format_version`` 1)::
         "config": {...},                # keyword arguments that rebuild it
         "state_dict": {...},            # its meta-params (tensors)
         "provenance": {...},            # task, seed, steps, library version, ... (plain data)
+        "init": {...},                  # MAML only: the learned initial params θ0 (tensors)
     }
 
 Loading never unpickles arbitrary objects, so a checkpoint can never run code; anything that is
@@ -36,6 +37,7 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "save_rule",
+    "load_init",
     "load_rule",
     "load_checkpoint",
     "rule_from_checkpoint",
@@ -72,8 +75,13 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unsafe, malformed or does not match what was expected."""
 
 
-def save_rule(path: str | os.PathLike, rule: Rule, provenance: dict[str, Any] | None = None) -> Path:
-    """Write ``rule`` as a checkpoint dict to ``path`` (atomically: temp file, fsync, rename)."""
+def save_rule(path: str | os.PathLike, rule: Rule, provenance: dict[str, Any] | None = None, *,
+              init: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``rule`` as a checkpoint dict to ``path`` (atomically: temp file, fsync, rename).
+
+    ``init`` (MAML) adds the learned initial params θ0, keyed like the model's ``named_parameters()``;
+    read them back with :func:`load_init`.
+    """
     from . import __version__
 
     if rule.name not in RULES:
@@ -88,6 +96,10 @@ def save_rule(path: str | os.PathLike, rule: Rule, provenance: dict[str, Any] | 
             {"l2o_version": __version__, "torch_version": str(torch.__version__), **(provenance or {})}, "provenance"
         ),
     }
+    if init is not None:
+        if not isinstance(init, dict) or not all(isinstance(v, torch.Tensor) for v in init.values()):
+            raise TypeError("init must be a dict of tensors (e.g. l2o.MAMLInit(model).params())")
+        data["init"] = {str(k): v.detach().cpu().clone() for k, v in init.items()}
     return atomic_save(data, path)
 
 
@@ -173,16 +185,19 @@ def _fsync_directory(directory: Path) -> None:
 def _safe_load(path: Path, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` with every failure turned into a :class:`CheckpointError`."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a garbage file makes torch warn about its "pickle protocol" first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {str(path)!r}: it is not a plain-data l2o {what} and loading it would "
             f"require unpickling arbitrary Python objects, which can run code ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file can fail anywhere in torch.load (IndexError, KeyError, ...)
         raise CheckpointError(
-            f"could not read {what} {str(path)!r}: the file is truncated or not a torch.save file ({exc})"
+            f"could not read {what} {str(path)!r}: the file is truncated or not a torch.save file "
+            f"({type(exc).__name__}: {exc})"
         ) from None
 
 
@@ -207,26 +222,52 @@ def validate_checkpoint(data: Any, source: str = "checkpoint") -> dict[str, Any]
             raise CheckpointError(f"{source} is malformed: {key!r} should be a {kind.__name__}, found {type(data.get(key)).__name__}")
     if data["rule"] not in RULES:
         raise CheckpointError(f"{source} holds an unknown rule {data['rule']!r}; known rules: {', '.join(sorted(RULES))}")
+    init = data.get("init")
+    if init is not None and not (isinstance(init, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                                for k, v in init.items())):
+        raise CheckpointError(f"{source} is malformed: 'init' should map parameter names to tensors")
     return data
+
+
+def load_init(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The learned initial params θ0 of a MAML checkpoint (written by ``l2o maml``).
+
+    Load them into the model with ``model.load_state_dict(load_init(path), strict=False)`` or use
+    them functionally. Raises :class:`CheckpointError` when the checkpoint holds no ``init``.
+    """
+    data = load_checkpoint(path)
+    if data.get("init") is None:
+        raise CheckpointError(f"{str(path)!r} holds a rule but no learned initialisation (it was not written by "
+                              "`l2o maml`); load the rule with load_rule")
+    return data["init"]
 
 
 def rule_from_checkpoint(data: dict[str, Any], source: str = "checkpoint") -> Rule:
     """Rebuild the rule a validated checkpoint dict describes, with its weights."""
     cls = RULES[data["rule"]]
-    try:
-        rule = cls(**data["config"])
+    try:  # first on the meta device: a config asking for huge weights allocates nothing before the check
+        with torch.device("meta"):
+            probe = cls(**data["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source} has a config that {cls.__name__} does not accept: {exc}") from None
-    expected = rule.state_dict()
+    except Exception as exc:  # noqa: BLE001 - e.g. sizes whose storage size overflows
+        raise CheckpointError(f"{source} has a config that {cls.__name__} cannot be built from: "
+                              f"{type(exc).__name__}: {exc}") from None
+    expected = probe.state_dict()
     got = data["state_dict"]
     if expected.keys() != got.keys():
         raise CheckpointError(
-            f"{source}: the weights do not match the config: expected keys {sorted(expected)}, found {sorted(got)}"
+            f"{source}: the weights do not match the config: expected keys {sorted(expected)}, "
+            f"found {sorted(map(str, got))}"
         )
     for k, v in expected.items():
         if not isinstance(got[k], torch.Tensor) or got[k].shape != v.shape:
             shape = tuple(got[k].shape) if isinstance(got[k], torch.Tensor) else type(got[k]).__name__
             raise CheckpointError(f"{source}: weight {k!r} has shape {shape}, the config implies {tuple(v.shape)}")
+        if not got[k].is_floating_point() or got[k].layout != torch.strided:
+            raise CheckpointError(f"{source}: weight {k!r} is a {got[k].dtype} tensor ({got[k].layout}); "
+                                  "expected dense floating-point weights")
+    rule = cls(**data["config"])
     rule.load_state_dict(got)
     return rule
 

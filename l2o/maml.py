@@ -69,6 +69,20 @@ class SupervisedTask:
     def __init__(self, model: nn.Module, loss_fn: LossFn, support: tuple[Any, Any],
                  query: tuple[Any, Any] | None = None, *, batched: bool = False,
                  params: Params | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable loss_fn(prediction, target) -> scalar, got "
+                            f"{type(loss_fn).__name__}")
+        for what, pair in (("support", support), ("query", query)):
+            if (pair is not None or what == "support") and not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise TypeError(f"{what} must be a pair (x, y), got {type(pair).__name__}")
+        if not isinstance(batched, bool):
+            raise TypeError(f"batched must be a bool, got {type(batched).__name__} ({batched!r})")
+        if params is not None and not (isinstance(params, dict) and params
+                                       and all(isinstance(v, Tensor) for v in params.values())):
+            raise TypeError(f"params must be None or a non-empty dict of tensors keyed like the model's "
+                            f"named_parameters(), got {type(params).__name__}")
         self.model = model
         self.loss_fn = loss_fn
         self.support = support
@@ -204,7 +218,12 @@ class MAML(nn.Module):
 
     def _adapt(self, task: SupervisedTask, params: Params, steps: int | None, first_order: bool | None) -> Params:
         k = self.inner_steps if steps is None else check_positive_int("steps", steps)
+        if first_order is not None and not isinstance(first_order, bool):
+            raise TypeError(f"first_order must be a bool or None, got {type(first_order).__name__} ({first_order!r})")
         fo = self.first_order if first_order is None else first_order
+        if not (isinstance(params, dict) and params and all(isinstance(v, Tensor) for v in params.values())):
+            raise TypeError(f"params must be a non-empty dict of tensors keyed like the model's named_parameters(), "
+                            f"got {type(params).__name__}")
         gen = torch.Generator()  # the task's data is fixed; the engine's generator draws nothing
         inner = init_inner(self.rule, task, gen, params=params)
         result = unroll(self.rule, task, inner, steps=k, generator=gen, weights=[0.0] * k, second_order=not fo)
@@ -253,7 +272,15 @@ def adaptation_curve(rule: Rule, task: Task, params: Params, *, steps: int,
     evaluates the task's ``META`` split after each. This is the paper's "MSE vs number of
     gradient steps" curve (e.g. MAML's θ0 or a pretrained network fine-tuned with SGD).
     """
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be an l2o Rule (e.g. l2o.SGD(lr=0.01)), got {type(rule).__name__}")
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a task (with init, sample_batch and loss), got {type(task).__name__}")
+    if not (isinstance(params, dict) and params and all(isinstance(v, Tensor) for v in params.values())):
+        raise TypeError(f"params must be a non-empty dict of tensors, got {type(params).__name__}")
     check_positive_int("steps", steps)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     gen = torch.Generator().manual_seed(0) if generator is None else generator
     rows = []
     with torch.no_grad():

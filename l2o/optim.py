@@ -152,6 +152,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         elif checkpoint is not None:
             from .checkpoints import load_rule
 
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise TypeError(f"checkpoint must be a path (str or os.PathLike) of a rule checkpoint, got "
+                                f"{type(checkpoint).__name__} ({checkpoint!r})")
+
             rule = load_rule(checkpoint)
         elif not isinstance(rule, Rule):
             raise TypeError(
@@ -166,7 +170,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # A learned rule computes in its weights' dtype; a hand-designed one in each param's dtype.
         self._rule_dtype: torch.dtype | None = next(
             (w.dtype for w in rule.parameters() if w.is_floating_point()), None)
-        template = rule.init({_PARAM_KEY: torch.zeros(1)})
+        try:
+            template = rule.init({_PARAM_KEY: torch.zeros(1)})
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{type(rule).__name__} cannot drive a torch.optim optimizer: LearnedOptimizer calls the rule on one "
+                f"parameter at a time, and this rule is tied to particular params ({exc}); use it with l2o.MAML or "
+                "l2o.unroll instead"
+            ) from None
         self._state_template = state_fill(template, iter(lambda: None, 0))  # the structure, leaves None
         self._state_names = tuple(name for name, _ in _flatten_state(template))
         if "step" in self._state_names or len(set(self._state_names)) != len(self._state_names):
@@ -177,7 +188,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors or of param-group dicts (e.g. model.parameters()), "
                             "got a single Tensor: wrap it in a list")
-        params = list(params)
+        try:
+            iterator = iter(params)
+        except TypeError:
+            raise TypeError("params must be an iterable of tensors or of param-group dicts (e.g. model.parameters()), "
+                            f"got {type(params).__name__}") from None
+        params = list(iterator)
         if not params:
             raise ValueError("LearnedOptimizer got an empty parameter list: pass model.parameters() (a generator "
                              "can only be consumed once) or a non-empty list of tensors")
@@ -187,6 +203,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (missing hyperparameters come from ``defaults``); refuses bad params/lr."""
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            found = f"a dict with keys {sorted(map(str, param_group))}" if isinstance(param_group, dict) else \
+                type(param_group).__name__
+            raise TypeError(f"a param group must be a dict with a 'params' entry (an iterable of tensors) and "
+                            f"optionally 'lr', got {found}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:

@@ -334,9 +334,9 @@ def test_non_finite_tasks_mid_training_are_skipped_and_reported(capsys, bad):
 
 
 def test_cli_summary_reports_skipped_meta_steps(tmp_path, capsys, monkeypatch):
-    import l2o.cli as cli
+    import l2o.cli.common as cli
 
-    monkeypatch.setattr(cli, "_task_families", lambda: {"quadratic": lambda a: EveryOtherBadFamily("nan")})
+    monkeypatch.setattr(cli, "task_families", lambda: {"quadratic": lambda a: EveryOtherBadFamily("nan")})
     out = tmp_path / "q.pt"
     code = main(["meta-train", *CLI_ARGS, "--epochs", "6", "--out", str(out)])
     stdout = capsys.readouterr().out
@@ -363,10 +363,10 @@ def test_too_many_consecutive_skips_stop_and_keep_the_last_good_state(tmp_path, 
 
 
 def test_cli_consecutive_skips_exit_1_naming_the_intact_state(tmp_path, capsys, monkeypatch):
-    import l2o.cli as cli
+    import l2o.cli.common as cli
 
     # the family's first 2 draws are the validation tasks, the next 2 the first training tasks
-    monkeypatch.setattr(cli, "_task_families", lambda: {"quadratic": lambda a: NaNAfterFamily(_family(), good=4)})
+    monkeypatch.setattr(cli, "task_families", lambda: {"quadratic": lambda a: NaNAfterFamily(_family(), good=4)})
     out = tmp_path / "q.pt"
     code = main(["meta-train", *CLI_ARGS, "--epochs", "40", "--out", str(out), "--checkpoint-every", "1"])
     err = capsys.readouterr().err

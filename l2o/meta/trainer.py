@@ -1,6 +1,8 @@
-r"""Meta-training in learned-optimizer mode (Andrychowicz et al. 2016).
+r"""Meta-training: learned-optimizer mode (Andrychowicz et al. 2016) and MAML mode (Finn et al. 2017).
 
-The meta-params are the rule's weights :math:`\Phi`. Each *epoch* samples a task, optimises it for
+The meta-params are the rule's weights :math:`\Phi` and, when ``init`` is given, the initial
+params :math:`\theta_0` (MAML: an :class:`~l2o.maml.MAMLInit`; with a learnable rule too, a
+learned initialisation and a learned optimizer are meta-trained together). Each *epoch* samples a task, optimises it for
 ``horizon`` inner steps with the rule, and cuts the horizon into truncations of ``truncation``
 steps; after each truncation the meta-loss :math:`\sum_t w_t \bar f(\theta_t)` over that segment is
 backpropagated (truncated BPTT) and Adam takes one meta-step on :math:`\Phi`, then
@@ -11,6 +13,12 @@ non-finite never reaches :math:`\Phi` (the step is skipped and counted, and the 
 too many consecutive skips stop the run with :class:`MetaTrainingError`. Every
 ``validate_every`` epochs the rule is evaluated on fixed held-out validation tasks and the best
 weights are kept (the paper's early stopping).
+
+**MAML mode** is the same loop with ``init``: every task starts from :math:`\theta_0` (broadcast
+over the task's batched instances, so the meta-gradient sums over the meta-batch), the horizon is
+the ``K`` adaptation steps (one truncation), ``step_weights="final"`` reads only
+:math:`\theta_K`, and ``meta_split="meta"`` reads it on the query set; ``second_order=True`` is
+MAML, ``False`` first-order MAML. One epoch is one meta-iteration.
 
 **Resumable runs.** With ``checkpoint_path`` and ``checkpoint_every``, a *training state* is written
 atomically (:func:`l2o.checkpoints.atomic_save`) every ``checkpoint_every`` meta-steps and at the
@@ -63,11 +71,15 @@ from torch import Tensor
 
 from ..checkpoints import CheckpointError, load_training_state, save_training_state
 from ..rules.base import Rule, check_positive_int
-from ..tasks import Task, TaskFamily
-from ..tree import state_fill, state_leaves
+from ..tasks import META, TRAIN, Task, TaskFamily
+from ..tree import Params, state_fill, state_leaves
 from ..unroll import OBJECTIVES, InnerState, init_inner, truncate, unroll
 
-__all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_train", "validation_loss", "TRAINER"]
+__all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_train", "validation_loss", "TRAINER",
+           "STEP_WEIGHTS", "start_params"]
+
+#: How the meta-loss weighs the inner steps of a horizon (see :class:`MetaTrainConfig`).
+STEP_WEIGHTS = ("uniform", "linear", "final")
 
 #: The ``trainer`` name recorded in (and required of) this trainer's training states.
 TRAINER = "meta_train"
@@ -97,7 +109,11 @@ class MetaTrainConfig:
             :data:`l2o.unroll.OBJECTIVES`).
         step_weights: the meta-loss weight :math:`w_t` of inner step :math:`t` of the horizon:
             ``"uniform"`` (1, the paper) or ``"linear"`` (:math:`2t/\text{horizon}`, same total
-            weight, more of it on late steps).
+            weight, more of it on late steps), or ``"final"`` (1 on the horizon's last step only:
+            MAML).
+        meta_split: where the meta-loss reads the losses, ``"train"`` (the batches the rule
+            trains on, the paper) or ``"meta"`` (the task's separate split, MAML's query set).
+            Validation reads the same split.
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
     """
 
@@ -113,6 +129,7 @@ class MetaTrainConfig:
     second_order: bool = False
     objective: str = "loss"
     step_weights: str = "uniform"
+    meta_split: str = TRAIN
     max_consecutive_skips: int = 20
 
     def validate(self) -> None:
@@ -121,8 +138,10 @@ class MetaTrainConfig:
             check_positive_int(name, getattr(self, name))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.step_weights not in ("uniform", "linear"):
-            raise ValueError(f"step_weights must be 'uniform' or 'linear', got {self.step_weights!r}")
+        if self.step_weights not in STEP_WEIGHTS:
+            raise ValueError(f"step_weights must be one of {', '.join(STEP_WEIGHTS)}, got {self.step_weights!r}")
+        if self.meta_split not in (TRAIN, META):
+            raise ValueError(f"meta_split must be {TRAIN!r} or {META!r}, got {self.meta_split!r}")
         if self.truncation > self.horizon:
             raise ValueError(f"truncation ({self.truncation}) must not be longer than the horizon ({self.horizon})")
         if not (_is_number(self.meta_lr) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
@@ -165,23 +184,57 @@ class MetaTrainResult:
     seconds: float
     history: dict[str, list[float]] = field(default_factory=dict)
     resumed_at: int | None = None
+    init: torch.nn.Module | None = None
 
 
 @torch.no_grad()
-def validation_loss(rule: Rule, tasks: list[Task], horizon: int, seed: int) -> float:
-    """Mean over tasks and inner steps 1..horizon of the task loss (the meta-objective), no grad.
+def validation_loss(rule: Rule, tasks: list[Task], horizon: int, seed: int, *, init: torch.nn.Module | None = None,
+                    final_split: str | None = None) -> float:
+    """The meta-objective on validation tasks, without gradients.
 
-    Non-finite results count as ``inf`` so a diverging rule is never selected.
+    By default the mean over tasks and inner steps 1..horizon of the training loss (the paper's
+    objective). With ``final_split`` (``"train"`` or ``"meta"``), the mean loss of the final
+    params on that split instead (MAML: the query loss after adaptation). ``init`` starts every
+    task from learned initial params (see :func:`start_params`). Non-finite results count as
+    ``inf`` so a diverging rule is never selected.
     """
     total = 0.0
     for k, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed + k)
-        result = unroll(rule, task, init_inner(rule, task, gen), steps=horizon, generator=gen, weights=[0.0] * horizon)
-        value = float(result.losses.mean())
+        inner = init_inner(rule, task, gen, params=start_params(init, task, gen))
+        result = unroll(rule, task, inner, steps=horizon, generator=gen, weights=[0.0] * horizon)
+        if final_split is None:
+            value = float(result.losses.mean())
+        else:
+            value = float(task.loss(result.inner.params, task.sample_batch(final_split, gen)).mean())
         if not math.isfinite(value):
             return math.inf
         total += value
     return total / len(tasks)
+
+
+def start_params(init: torch.nn.Module | None, task: Task, generator: torch.Generator) -> Params | None:
+    """Initial params for ``task``: ``None`` (the task draws its own) without ``init``; else
+    ``init.params()`` broadcast to the shapes of ``task.init`` (a differentiable view, so the
+    meta-gradient of every batched instance flows into the one :math:`\theta_0`).
+
+    ``task.init(generator)`` is drawn in both cases, so the generator advances the same way.
+    """
+    drawn = task.init(generator)
+    if init is None:
+        return drawn
+    theta0 = init.params()
+    if theta0.keys() != drawn.keys():
+        raise ValueError(f"the learned initialisation has params {sorted(theta0)} but the task's are {sorted(drawn)}: "
+                         "build the init from the task family's model")
+    out = {}
+    for k, v in drawn.items():
+        p = theta0[k]
+        if v.shape[v.dim() - p.dim():] != p.shape:
+            raise ValueError(f"the learned initialisation's {k!r} has shape {tuple(p.shape)}, the task's is "
+                             f"{tuple(v.shape)} (a leading batch dimension is allowed)")
+        out[k] = p.expand(v.shape)
+    return out
 
 
 def _lr_at(config: MetaTrainConfig, progress: float) -> float:
@@ -217,8 +270,9 @@ class _Loop:
 def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = None, *,
                progress: bool = True, callback: Callable[[dict[str, float]], None] | None = None,
                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-               resume: str | os.PathLike | None = None) -> MetaTrainResult:
-    """Meta-train ``rule`` (in place) on tasks from ``family``; return the best validated rule.
+               resume: str | os.PathLike | None = None, init: torch.nn.Module | None = None,
+               val_family: TaskFamily | None = None) -> MetaTrainResult:
+    """Meta-train ``rule`` (and ``init``) in place on tasks from ``family``; return the best validated ones.
 
     Args:
         rule: a rule with trainable parameters (e.g. :class:`~l2o.rules.LSTMRule`).
@@ -234,6 +288,11 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
             The result is bitwise identical on CPU to a run that was never interrupted. ``rule``'s
             weights are replaced by the stored ones, and the global torch RNG is set to its state
             at the save (as in the uninterrupted run).
+        init: MAML mode: a module with ``params()`` (e.g. :class:`~l2o.maml.MAMLInit`) holding
+            the initial params :math:`\theta_0` every task starts from, meta-trained with the
+            rule's weights (the rule may have none, e.g. :class:`~l2o.rules.SGD`).
+        val_family: draws the validation tasks (default ``family``), e.g. Omniglot's validation
+            characters.
 
     Raises:
         TypeError / ValueError: bad arguments or config (naming the argument or field).
@@ -268,16 +327,23 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     # The meta-trained modules, by name: the keys of "meta_params" in a training state. (A further
     # module, e.g. a learned initialisation, is one more entry here.)
     modules: dict[str, torch.nn.Module] = {"rule": rule}
+    if init is not None:
+        if not (isinstance(init, torch.nn.Module) and callable(getattr(init, "params", None))):
+            raise TypeError(f"init must be an nn.Module with a params() method (e.g. l2o.MAMLInit), got {type(init).__name__}")
+        modules["init"] = init
     meta_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     if not meta_params:
-        raise ValueError(f"{type(rule).__name__} has no trainable parameters to meta-train")
+        raise ValueError(f"{type(rule).__name__} has no trainable parameters to meta-train (and no init was given)")
     segments = math.ceil(config.horizon / config.truncation)
     total_steps = config.epochs * segments
     optimizer = torch.optim.Adam(meta_params, lr=config.meta_lr)
     gen = torch.Generator().manual_seed(config.seed)
     val_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
-    val_tasks = [family.sample(val_gen) for _ in range(config.num_val_tasks)] if config.validate_every else []
-    setup = _setup(config, rule, family)
+    if val_family is not None and not callable(getattr(val_family, "sample", None)):
+        raise TypeError(f"val_family must be a task family (with a sample(generator) method), got {type(val_family).__name__}")
+    val_source = family if val_family is None else val_family
+    val_tasks = [val_source.sample(val_gen) for _ in range(config.num_val_tasks)] if config.validate_every else []
+    setup = _setup(config, rule, family, init)
     loop = _Loop()
     resumed_at = None
     if resume is not None:
@@ -305,7 +371,7 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 loop.task_gen_state = gen.get_state() if saving else None
                 loop.task = family.sample(gen)
                 loop.task_fingerprint = None
-                loop.inner = init_inner(rule, loop.task, gen)
+                loop.inner = init_inner(rule, loop.task, gen, params=start_params(init, loop.task, gen))
                 loop.epoch_losses = []
                 loop.segment = 0
             task = loop.task
@@ -315,11 +381,10 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 steps = min(config.truncation, config.horizon - done)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, loop.meta_step / max(1, total_steps - 1))
-                weights = None
-                if config.step_weights == "linear":
-                    weights = [2.0 * (done + k + 1) / config.horizon for k in range(steps)]
+                weights = _step_weights(config, done, steps)
                 result = unroll(rule, task, loop.inner, steps=steps, generator=gen, weights=weights,
-                                second_order=config.second_order, objective=config.objective)
+                                meta_split=config.meta_split, second_order=config.second_order,
+                                objective=config.objective)
                 optimizer.zero_grad(set_to_none=True)
                 ok = result.finite and bool(torch.isfinite(result.meta_loss))
                 if ok:
@@ -360,7 +425,8 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 metrics["loss"] = float(torch.stack(epoch_losses).mean())
                 loop.history["epoch_loss"].append(metrics["loss"])
             if config.validate_every and ((epoch + 1) % config.validate_every == 0 or epoch + 1 == config.epochs):
-                val = validation_loss(rule, val_tasks, config.horizon, config.seed + 7)
+                val = validation_loss(rule, val_tasks, config.horizon, config.seed + 7, init=init,
+                                      final_split=config.meta_split if config.step_weights == "final" else None)
                 loop.history["val_epoch"].append(float(epoch + 1))
                 loop.history["val_loss"].append(val)
                 metrics["val_loss"] = val
@@ -389,7 +455,16 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
             modules[name].load_state_dict(state)
     seconds = loop.seconds + (time.perf_counter() - start)
     return MetaTrainResult(rule, loop.best_val, loop.best_epoch, loop.skipped, loop.meta_step, seconds, loop.history,
-                           resumed_at)
+                           resumed_at, init)
+
+
+def _step_weights(config: MetaTrainConfig, done: int, steps: int) -> list[float] | None:
+    """Meta-loss weights of inner steps ``done + 1 .. done + steps`` of the horizon."""
+    if config.step_weights == "linear":
+        return [2.0 * (done + k + 1) / config.horizon for k in range(steps)]
+    if config.step_weights == "final":
+        return [1.0 if done + k + 1 == config.horizon else 0.0 for k in range(steps)]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +484,13 @@ def _describe(obj: Any) -> dict[str, Any]:
                    "config": config() if callable(config) else None})
 
 
-def _setup(config: MetaTrainConfig, rule: Rule, family: TaskFamily) -> dict[str, Any]:
+def _setup(config: MetaTrainConfig, rule: Rule, family: TaskFamily, init: torch.nn.Module | None) -> dict[str, Any]:
     """What identifies a run: a resume must match all of it."""
-    return {"config": _plain(config.to_dict()), "rule": _describe(rule), "task_family": _describe(family)}
+    setup = {"config": _plain(config.to_dict()), "rule": _describe(rule), "task_family": _describe(family)}
+    if init is not None:
+        setup["init"] = _plain({"class": type(init).__name__,
+                                "params": {k: list(v.shape) for k, v in init.params().items()}})
+    return setup
 
 
 #: Tensors with more elements than this (typically a data set a task shares with its family) are

@@ -15,13 +15,15 @@ backpropagate through any number of inner steps. ``step`` is the number of updat
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..tree import Params
 
-__all__ = ["Rule", "check_hyperparameter", "check_positive_int"]
+__all__ = ["Rule", "check_hyperparameter", "check_positive_int", "check_bool", "check_float_dtype", "check_update_args",
+           "check_params"]
 
 
 class Rule(nn.Module):
@@ -75,9 +77,9 @@ def check_hyperparameter(name: str, value: Any, *, low: float = 0.0, high: float
     ok_low = v >= low if low_inclusive else v > low
     ok_high = v <= high if high_inclusive else v < high
     if not (math.isfinite(v) and ok_low and ok_high):
-        lo = "[" if low_inclusive else "("
-        hi = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+        lo = "[" if low_inclusive and math.isfinite(low) else "("
+        hi = "]" if high_inclusive and math.isfinite(high) else ")"
+        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
     return v
 
 
@@ -86,3 +88,53 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``; else ``TypeError`` naming ``name`` (no truthiness of strings)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_float_dtype(name: str, value: Any) -> torch.dtype:
+    """Return ``value`` if it is a floating-point ``torch.dtype``; else ``TypeError`` naming ``name``."""
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"{name} must be a floating torch.dtype such as torch.float32, got {value!r}")
+    return value
+
+
+def check_update_args(grads: Any, params: Any, step: Any, *, rule: str) -> None:
+    """Check what every :meth:`Rule.update` receives: ``grads`` and ``params`` dicts of tensors with
+    the same keys and shapes, and ``step`` an ``int >= 0``. Raises ``TypeError``/``ValueError``
+    naming the argument."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{rule}.update: step must be an int (updates already applied), got "
+                        f"{type(step).__name__} ({step!r})")
+    if step < 0:
+        raise ValueError(f"{rule}.update: step must be >= 0 (updates already applied), got {step}")
+    for what, tree in (("grads", grads), ("params", params)):
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"{rule}.update: {what} must be a dict of tensors keyed like the params, got "
+                            f"{type(tree).__name__}")
+    if grads.keys() != params.keys():
+        raise ValueError(f"{rule}.update: grads and params must have the same keys: params "
+                         f"{sorted(map(str, params))}, grads {sorted(map(str, grads))}")
+    for k, p in params.items():
+        g = grads[k]
+        if not isinstance(p, Tensor) or not isinstance(g, Tensor):
+            bad, value = ("params", p) if not isinstance(p, Tensor) else ("grads", g)
+            raise TypeError(f"{rule}.update: {bad}[{k!r}] must be a Tensor, got {type(value).__name__}")
+        if g.shape != p.shape:
+            raise ValueError(f"{rule}.update: grads[{k!r}] has shape {tuple(g.shape)} but params[{k!r}] has "
+                             f"shape {tuple(p.shape)}; they must match")
+
+
+def check_params(params: Any, *, rule: str) -> None:
+    """``params`` (as given to :meth:`Rule.init`) must be a dict of tensors; else ``TypeError``."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{rule}.init: params must be a dict of tensors keyed like named_parameters(), got "
+                        f"{type(params).__name__}")
+    for k, p in params.items():
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{rule}.init: params[{k!r}] must be a Tensor, got {type(p).__name__}")

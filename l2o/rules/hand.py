@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Params
-from .base import Rule, check_hyperparameter
+from .base import Rule, check_bool, check_hyperparameter, check_params, check_update_args
 
 __all__ = [
     "SGD",
@@ -42,17 +42,23 @@ __all__ = [
 ]
 
 
-def _check_keys(grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
-    if grads.keys() != params.keys():
-        raise ValueError(
-            f"grads and params must have the same keys: params {sorted(params)}, grads {sorted(grads)}"
-        )
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
+def _check_update(rule: Rule, grads: Params, state: Any, params: Params, step: Any, state_type: type,
+                  fields: tuple[str, ...]) -> None:
+    """Check ``update``'s arguments (see :func:`check_update_args`) and that ``state`` is a
+    ``state_type`` whose ``fields`` hold a tensor shaped like every param."""
+    name = type(rule).__name__
+    check_update_args(grads, params, step, rule=name)
+    if not isinstance(state, state_type):
+        raise TypeError(f"{name}.update: state must be the {state_type.__name__} that {name}.init(params) "
+                        f"returned, got {type(state).__name__}")
+    for field in fields:
+        buffers = getattr(state, field)
+        for k, p in params.items():
+            b = buffers.get(k) if isinstance(buffers, Mapping) else None
+            if not isinstance(b, Tensor) or b.shape != p.shape:
+                found = f"shape {tuple(b.shape)}" if isinstance(b, Tensor) else type(b).__name__
+                raise ValueError(f"{name}.update: state.{field}[{k!r}] is {found}, but params[{k!r}] has shape "
+                                 f"{tuple(p.shape)}: call {name}.init(params) for these params")
 
 
 def _with_weight_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
@@ -109,7 +115,7 @@ class SGD(Rule):
         self.lr = check_hyperparameter("lr", lr, low=0.0, low_inclusive=False)
         self.momentum = check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         self.dampening = check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
-        self.nesterov = _check_bool("nesterov", nesterov)
+        self.nesterov = check_bool("nesterov", nesterov)
         self.weight_decay = check_hyperparameter("weight_decay", weight_decay)
         if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
             raise ValueError(
@@ -119,6 +125,7 @@ class SGD(Rule):
 
     def init(self, params: Params) -> SGDState:
         """Zero momentum buffers shaped like ``params`` (none when ``momentum == 0``)."""
+        check_params(params, rule=type(self).__name__)
         if self.momentum == 0.0:
             return SGDState(momentum={})
         return SGDState(momentum={k: torch.zeros_like(p) for k, p in params.items()})
@@ -133,7 +140,8 @@ class SGD(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, SGDState]:
         """Return ``(updates, new_state)``; ``loss`` is ignored."""
-        _check_keys(grads, params)
+        _check_update(self, grads, state, params, step, SGDState,
+                      ("momentum",) if self.momentum != 0.0 and step != 0 else ())
         lr, mu, tau, wd = self.lr, self.momentum, self.dampening, self.weight_decay
         updates: Params = {}
         buffers: Params = {}
@@ -249,11 +257,12 @@ class RMSprop(Rule):
         self.eps = check_hyperparameter("eps", eps)
         self.weight_decay = check_hyperparameter("weight_decay", weight_decay)
         self.momentum = check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
-        self.centered = _check_bool("centered", centered)
+        self.centered = check_bool("centered", centered)
         self.eps_root = check_hyperparameter("eps_root", eps_root)
 
     def init(self, params: Params) -> RMSpropState:
         """Zero averages (and buffers) shaped like ``params``."""
+        check_params(params, rule="RMSprop")
         return RMSpropState(
             square_avg={k: torch.zeros_like(p) for k, p in params.items()},
             grad_avg={k: torch.zeros_like(p) for k, p in params.items()} if self.centered else {},
@@ -270,7 +279,9 @@ class RMSprop(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, RMSpropState]:
         """Return ``(updates, new_state)``; ``step`` and ``loss`` are not needed by RMSprop."""
-        _check_keys(grads, params)
+        _check_update(self, grads, state, params, step, RMSpropState,
+                      ("square_avg",) + (("grad_avg",) if self.centered else ())
+                      + (("momentum",) if self.momentum > 0.0 else ()))
         lr, alpha, mu = self.lr, self.alpha, self.momentum
         updates: Params = {}
         square_avg: Params = {}
@@ -365,6 +376,7 @@ class Adam(Rule):
 
     def init(self, params: Params) -> AdamState:
         """Zero moments shaped like ``params``."""
+        check_params(params, rule="Adam")
         return AdamState(
             exp_avg={k: torch.zeros_like(p) for k, p in params.items()},
             exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()},
@@ -380,7 +392,7 @@ class Adam(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, AdamState]:
         """Return ``(updates, new_state)``; bias corrections use ``step + 1``; ``loss`` is ignored."""
-        _check_keys(grads, params)
+        _check_update(self, grads, state, params, step, AdamState, ("exp_avg", "exp_avg_sq"))
         beta1, beta2 = self.betas
         t = step + 1
         bias_correction1 = 1.0 - beta1**t

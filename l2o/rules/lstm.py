@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..tree import Params, flatten, num_elements
-from .base import Rule, check_hyperparameter, check_positive_int
+from .base import (Rule, check_bool, check_hyperparameter, check_params, check_positive_int,
+                   check_update_args)
 from .preprocess import PREPROCESSORS, num_features, preprocess, rnnprop_inputs
 
 __all__ = ["LSTMRule", "LSTMState"]
@@ -190,15 +191,15 @@ class LSTMRule(Rule):
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_layers", num_layers)
-        if preprocess not in PREPROCESSORS:
+        if not isinstance(preprocess, str) or preprocess not in PREPROCESSORS:
             raise ValueError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(PREPROCESSORS)}")
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.preprocess = preprocess
         self.preprocess_p = check_hyperparameter("preprocess_p", preprocess_p, low=0.0, low_inclusive=False)
         self.output_scale = check_hyperparameter("output_scale", output_scale, low=0.0, low_inclusive=False)
-        self.zero_init_output = bool(zero_init_output)
-        self.fused = bool(fused)
+        self.zero_init_output = check_bool("zero_init_output", zero_init_output)
+        self.fused = check_bool("fused", fused)
         in_features = num_features(preprocess)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -239,6 +240,7 @@ class LSTMRule(Rule):
 
     def init(self, params: Params) -> LSTMState:
         """Zero hidden and cell states, ``(H, N)`` per layer, ``N`` = coordinates in ``params``."""
+        check_params(params, rule="LSTMRule")
         n = num_elements(params)
         ref = self.out_weight
         zeros = tuple(torch.zeros(self.hidden_size, n, dtype=ref.dtype, device=ref.device)
@@ -248,11 +250,31 @@ class LSTMRule(Rule):
             moments = (torch.zeros(n, dtype=ref.dtype, device=ref.device), torch.zeros(n, dtype=ref.dtype, device=ref.device))
         return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:], moments)
 
+    def _check_state(self, state: Any) -> None:
+        """``state`` must be an :class:`LSTMState` of this rule's layers and hidden size."""
+        if not isinstance(state, LSTMState):
+            raise TypeError(f"LSTMRule.update: state must be the LSTMState that rule.init(params) returned, "
+                            f"got {type(state).__name__}")
+        L, H = self.num_layers, self.hidden_size
+        layers = [*state.hidden, *state.cell]
+        if (len(state.hidden) != L or len(state.cell) != L
+                or not all(isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] == H for t in layers)
+                or len({t.shape[1] for t in layers}) != 1):
+            shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in layers]
+            raise ValueError(f"LSTMRule.update: state does not fit this rule ({L} layers of {H} units): hidden and "
+                             f"cell have shapes {shapes}; call rule.init(params) with this rule")
+        if self.preprocess == "rnnprop" and (len(state.moments) != 2 or not all(
+                isinstance(t, Tensor) and t.shape == (layers[0].shape[1],) for t in state.moments)):
+            raise ValueError("LSTMRule.update: preprocess='rnnprop' needs the gradient moments in state.moments; "
+                             "call rule.init(params) with this rule")
+
     def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
                loss: Tensor | None = None) -> tuple[Params, LSTMState]:
         """One inner step on all coordinates of all tensors at once (see the module docstring)."""
-        if grads.keys() != params.keys():
-            raise ValueError(f"grads and params have different keys: {sorted(grads)} vs {sorted(params)}")
+        check_update_args(grads, params, step, rule="LSTMRule")
+        if not params:
+            raise ValueError("LSTMRule.update: params is empty; pass at least one tensor")
+        self._check_state(state)
         dtype = self.out_weight.dtype
         flat = flatten(grads).to(dtype)
         n = flat.shape[0]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tree import Params
-from .base import Rule, check_hyperparameter
+from .base import Rule, check_hyperparameter, check_update_args
 
 __all__ = ["MetaSGD", "MetaSGDState"]
 
@@ -37,7 +37,11 @@ class MetaSGDState(NamedTuple):
 
 def _shapes_of(shapes: nn.Module | Mapping[str, Tensor | Sequence[int]]) -> dict[str, tuple[int, ...]]:
     if isinstance(shapes, nn.Module):
-        return {k: tuple(p.shape) for k, p in shapes.named_parameters()}
+        out = {k: tuple(p.shape) for k, p in shapes.named_parameters()}
+        if not out:
+            raise ValueError(f"MetaSGD needs at least one parameter tensor, got a {type(shapes).__name__} "
+                             "without parameters")
+        return out
     if not isinstance(shapes, Mapping):
         raise TypeError(
             "MetaSGD needs the params it will update: an nn.Module, a params dict or a dict of shapes, "
@@ -114,11 +118,18 @@ class MetaSGD(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, MetaSGDState]:
         r"""Return :math:`(-\alpha \odot g, \text{state})`; ``params``, ``step`` and ``loss`` are not used."""
+        check_update_args(grads, params, step, rule="MetaSGD")
+        if not isinstance(state, MetaSGDState):
+            raise TypeError(f"MetaSGD.update: state must be the MetaSGDState that rule.init(params) returned, "
+                            f"got {type(state).__name__}")
         self._check(grads, params, batched_ok=True)
         updates = {k: -(a.to(dtype=grads[k].dtype) * grads[k]) for k, a in zip(self.names, self.alpha)}
         return updates, state
 
     def _check(self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], *, batched_ok: bool) -> None:
+        if not isinstance(params, Mapping) or not all(isinstance(v, Tensor) for v in params.values()):
+            raise TypeError(f"MetaSGD: params must be a dict of tensors keyed like the model's parameters, "
+                            f"got {type(params).__name__}")
         if grads.keys() != params.keys():
             raise ValueError(
                 f"grads and params must have the same keys: params {sorted(params)}, grads {sorted(grads)}"

@@ -1,0 +1,56 @@
+"""The ``l2o`` command line (also ``python -m l2o``): the only part of l2o that imports optimizees.
+
+Exit codes: 0 success, 2 bad usage or bad input (unknown task, bad value, missing or malformed
+file), 1 a failure while running (e.g. meta-training diverged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .. import __version__
+from .common import UsageError
+from .learned import add_compare_parser, add_meta_train_parser, cmd_compare, cmd_meta_train, plot_report
+from .maml import add_maml_parser, cmd_maml
+
+__all__ = ["main", "build_parser", "UsageError", "cmd_meta_train", "cmd_compare", "cmd_maml", "plot_report"]
+
+EXAMPLES = """examples:
+  l2o meta-train --task quadratic --out runs/quadratic.pt
+  l2o compare --task quadratic --rule runs/quadratic.pt --json runs/quadratic.json --plot runs/quadratic.png
+  l2o compare --task quadratic --rule runs/quadratic.pt --horizon 200
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l2o", description="Learned optimizers and MAML on one unroll engine.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"l2o {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    add_meta_train_parser(sub)
+    add_compare_parser(sub)
+    add_maml_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..checkpoints import CheckpointError
+    from ..meta import MetaTrainingError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"l2o {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except MetaTrainingError as exc:
+        print(f"l2o {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"l2o {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,206 @@
+"""``l2o meta-train`` and ``l2o compare``: the learned-optimizer mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, add_task_args, family_from_args, mnist_family, nonnegative_float,
+                     positive_float, positive_int, resolve_training_state)
+
+__all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd_compare", "plot_report"]
+
+
+def add_meta_train_parser(sub: Any) -> None:
+    mt = sub.add_parser("meta-train", help="meta-train a coordinate-wise LSTM rule on a task family",
+                        description="Meta-train a coordinate-wise LSTM rule (Andrychowicz et al. 2016) and save "
+                                    "the best validated weights as a checkpoint.",
+                        epilog="example:\n  l2o meta-train --task quadratic --out runs/quadratic.pt",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_args(mt)
+    mt.add_argument("--out", required=True, type=Path, help="checkpoint path to write")
+    mt.add_argument("--epochs", type=positive_int, default=None, help="tasks to train on (default 1000)")
+    mt.add_argument("--horizon", type=positive_int, default=100, help="inner steps per task (default 100)")
+    mt.add_argument("--truncation", type=positive_int, default=20, help="inner steps per meta-step (default 20)")
+    mt.add_argument("--meta-lr", type=positive_float, default=None, help="initial Adam meta learning rate (default 1e-2)")
+    mt.add_argument("--meta-lr-final", type=positive_float, default=None, help="final meta lr of the cosine decay (default 1e-4)")
+    mt.add_argument("--validate-every", type=positive_int, default=None, help="epochs between validations (default 50)")
+    mt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    mt.add_argument("--hidden-size", type=positive_int, default=20, help="LSTM units per layer (default 20)")
+    mt.add_argument("--layers", type=positive_int, default=2, help="LSTM layers (default 2)")
+    mt.add_argument("--preprocess", default=None, choices=["none", "log_sign", "rnnprop"],
+                    help="LSTM inputs: none (quadratic default), log_sign (mnist default) or rnnprop "
+                         "(Adam-normalised gradient and momentum)")
+    mt.add_argument("--output-scale", type=positive_float, default=None,
+                    help="output scale (default 1.0 on quadratic, 0.1 on mnist)")
+    mt.add_argument("--random-scaling", type=nonnegative_float, default=0.0,
+                    help="mnist: rescale each coordinate of the optimizee by exp(U[-k, k]) during meta-training "
+                         "(RNNprop-style; default 0: off)")
+    mt.add_argument("--zero-init-output", action="store_true", help="start from a zero output layer")
+    mt.add_argument("--step-weights", default=None, choices=["uniform", "linear", "final"],
+                    help="meta-loss weight of inner step t: uniform (the paper, default), linear (t / horizon) or final (last step only)")
+    mt.add_argument("--second-order", action="store_true", help="differentiate through task gradients")
+    mt.add_argument("--objective", default=None, choices=["loss", "log_loss"],
+                    help="meta-loss terms: loss (the paper, default) or log_loss")
+    mt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mt.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
+                    help="write a training state every N meta-steps (atomically, to --state) so that the run "
+                         "can be continued with --resume")
+    mt.add_argument("--state", type=Path, default=None, metavar="PATH",
+                    help="training-state file for --checkpoint-every (default: <out>.state.pt; with --resume: "
+                         "the file resumed from)")
+    mt.add_argument("--resume", type=Path, default=None, metavar="PATH",
+                    help="continue the run saved in this training-state file, bitwise identically; give the "
+                         "same arguments as the run that wrote it (keeps checkpointing at its interval unless "
+                         "--checkpoint-every is given)")
+    mt.set_defaults(func=cmd_meta_train)
+
+
+def add_compare_parser(sub: Any) -> None:
+    cp = sub.add_parser("compare", help="compare a rule with lr-tuned SGD, NAG, RMSprop and Adam",
+                        description="Tune the baselines' learning rates on tuning tasks, then evaluate the rule and "
+                                    "the baselines on held-out tasks; print a table, optionally write JSON and a plot.",
+                        epilog="example:\n  l2o compare --task quadratic --rule runs/quadratic.pt --json r.json --plot r.png",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_args(cp)
+    cp.add_argument("--rule", type=Path, default=None, help="checkpoint of the learned rule (omit: baselines only)")
+    cp.add_argument("--horizon", type=positive_int, default=100, help="inner steps to evaluate (default 100)")
+    cp.add_argument("--num-tasks", type=positive_int, default=None,
+                    help="held-out instances (default 1000 quadratics, 100 mnist networks)")
+    cp.add_argument("--num-tuning-tasks", type=positive_int, default=None,
+                    help="tuning instances (default 1000 quadratics, 20 mnist networks)")
+    cp.add_argument("--seed", type=int, default=10_000, help="tuning seed; held-out tasks use seed + 10000")
+    cp.add_argument("--json", type=Path, default=None, help="write the results here")
+    cp.add_argument("--plot", type=Path, default=None, help="write a loss-vs-step plot here (PNG/PDF/SVG)")
+    cp.set_defaults(func=cmd_compare)
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from ..checkpoints import save_rule
+    from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
+    from ..perf import configure_cpu
+    from ..rules import LSTMRule
+
+    family = family_from_args(args)
+    config = MetaTrainConfig(horizon=args.horizon, truncation=args.truncation, seed=args.seed)
+    for field, value in (("epochs", args.epochs), ("meta_lr", args.meta_lr), ("meta_lr_final", args.meta_lr_final),
+                         ("validate_every", args.validate_every)):
+        if value is not None:
+            setattr(config, field, value)
+    config.second_order = args.second_order
+    if args.objective is not None:
+        config.objective = args.objective
+    if args.step_weights is not None:
+        config.step_weights = args.step_weights
+    config.validate()
+    state_path, checkpoint_every = resolve_training_state(args)
+    cpu = configure_cpu(args.threads)
+    import torch
+
+    torch.manual_seed(args.seed)
+    defaults = RULE_DEFAULTS[args.task]
+    rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
+                    preprocess=args.preprocess or defaults["preprocess"],
+                    output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output)
+    if not args.out.parent.exists():
+        args.out.parent.mkdir(parents=True)
+    try:
+        result = meta_train(rule, family, config, progress=not args.no_progress, checkpoint_path=state_path,
+                            checkpoint_every=checkpoint_every, resume=args.resume)
+    except MetaTrainingError as exc:
+        if state_path is not None and state_path.is_file():
+            raise MetaTrainingError(f"{exc}; the last good training state is intact in {state_path}") from None
+        raise
+    provenance = {
+        "task": args.task,
+        "task_config": family.config(),
+        "train_config": config.to_dict(),
+        "seed": args.seed,
+        "meta_steps": result.meta_steps,
+        "skipped_steps": result.skipped_steps,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "seconds": round(result.seconds, 1),
+        "resumed_at_meta_step": result.resumed_at,
+        "command": "l2o " + " ".join(sys.argv[1:]),
+        "cpu": cpu,
+    }
+    save_rule(args.out, result.rule, provenance)
+    resumed = "" if result.resumed_at is None else f" (resumed at meta-step {result.resumed_at})"
+    skipped = (f"skipped {result.skipped_steps} of them (non-finite meta-loss or meta-gradient; tasks resampled)"
+               if result.skipped_steps else "skipped 0")
+    best = ("no validation" if result.best_val_loss is None
+            else f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}")
+    state = "" if state_path is None else f"; training state in {state_path}"
+    print(f"meta-trained {result.meta_steps} meta-steps in {result.seconds:.0f}s{resumed}, {skipped}; {best}; "
+          f"wrote {args.out}{state}")
+    return 0
+
+
+def _table(report: dict[str, Any]) -> str:
+    rows = [("rule", "lr", f"loss@{report['horizon']} mean", "std", "vs adam")]
+    adam = report["results"].get("adam", {}).get("final_loss_mean")
+    for name, r in report["results"].items():
+        ratio = f"{r['final_loss_mean'] / adam:.3f}" if adam else "-"
+        lr = "-" if r["lr"] is None else f"{r['lr']:.3g}"
+        rows.append((name, lr, f"{r['final_loss_mean']:.4g}", f"{r['final_loss_std']:.3g}", ratio))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Loss-vs-step plot (log scale) of every rule in a compare report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in report["results"].items():
+        label = name if r["lr"] is None else f"{name} (lr {r['lr']:.3g})"
+        ax.plot(range(len(r["curve"])), r["curve"], label=label, lw=2.2 if name == "learned" else 1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("inner step")
+    ax.set_ylabel(f"mean training loss, {report['num_tasks']} held-out tasks")
+    ax.set_title(f"{report['task']}: learned rule vs lr-tuned baselines")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..checkpoints import load_rule
+    from ..meta import compare
+    from ..perf import configure_cpu
+
+    rule = load_rule(args.rule) if args.rule is not None else None
+    defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
+    if args.task == "mnist":  # tune on the validation images, report on the test images
+        if args.num_networks == 1:
+            args.num_networks = defaults["num_networks"]
+        family = mnist_family(args, eval_split="test")
+        tuning_family = family.with_eval_split("val")
+    else:
+        family = family_from_args(args)
+        tuning_family = None
+    configure_cpu(args.threads)
+    report = compare(rule, family, horizon=args.horizon, num_tasks=args.num_tasks or defaults["num_tasks"],
+                     num_tuning_tasks=args.num_tuning_tasks or defaults["num_tuning_tasks"],
+                     tuning_seed=args.seed, eval_seed=args.seed + 10_000, tuning_family=tuning_family)
+    if args.rule is not None:
+        report["rule"] = str(args.rule)
+    print(_table(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
