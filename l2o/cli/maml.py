@@ -21,9 +21,9 @@ __all__ = ["add_maml_parser", "cmd_maml", "MAML_DEFAULTS"]
 #: Per-task defaults (Finn et al. 2017): sine regression and 5-way Omniglot.
 MAML_DEFAULTS: dict[str, dict[str, Any]] = {
     "sine": {"inner_lr": 0.01, "meta_batch": 25, "shots": 10, "query_shots": 10, "iterations": 2000,
-             "eval_tasks": 600, "eval_steps": 10},
+             "eval_tasks": 600, "eval_steps": 10, "num_val_tasks": 20},
     "omniglot": {"inner_lr": 0.4, "meta_batch": 32, "shots": 1, "query_shots": 15, "iterations": 2000,
-                 "eval_tasks": 600, "eval_steps": 3},
+                 "eval_tasks": 600, "eval_steps": 3, "num_val_tasks": 2},
 }
 INNER_RULES = ("sgd", "metasgd", "lstm")
 
@@ -63,7 +63,8 @@ def add_maml_parser(sub: Any) -> None:
     p.add_argument("--max-grad-norm", type=nonnegative_float, default=10.0,
                    help="clip the meta-gradient's global norm (default 10; 0: off)")
     p.add_argument("--validate-every", type=positive_int, default=100, help="meta-iterations between validations")
-    p.add_argument("--num-val-tasks", type=positive_int, default=4, help="validation meta-batches (default 4)")
+    p.add_argument("--num-val-tasks", type=positive_int, default=None,
+                   help="validation meta-batches, drawn once (sine 20, omniglot 2)")
     p.add_argument("--eval-tasks", type=positive_int, default=None, help="held-out tasks to evaluate (default 600)")
     p.add_argument("--eval-steps", type=positive_int, default=None,
                    help="adaptation steps in the evaluation (sine 10, omniglot 3)")
@@ -175,7 +176,8 @@ def cmd_maml(args: argparse.Namespace) -> int:
     if args.task not in MAML_DEFAULTS:
         raise UsageError(f"unknown task {args.task!r} for maml; known tasks: {', '.join(sorted(MAML_DEFAULTS))}")
     d = MAML_DEFAULTS[args.task]
-    for name in ("inner_lr", "meta_batch", "shots", "query_shots", "iterations", "eval_tasks", "eval_steps"):
+    for name in ("inner_lr", "meta_batch", "shots", "query_shots", "iterations", "eval_tasks", "eval_steps",
+                 "num_val_tasks"):
         if getattr(args, name) is None:
             setattr(args, name, d[name])
     config = MetaTrainConfig(epochs=args.iterations, horizon=args.inner_steps, truncation=args.inner_steps,
