@@ -58,6 +58,11 @@ Differences from ``torch.optim`` semantics (all deliberate):
   and CyclicLR need ``cycle_momentum=False`` (there is no momentum hyperparameter to cycle).
 * Hand-designed rules compute :math:`u` and the adapter then adds ``lr * u``; this can differ from
   torch's fused ``param.add_(grad, alpha=-lr)`` in the last bit unless ``lr`` is a power of two.
+* Hand-designed rules compute in each parameter's dtype, as torch does, so on float16 parameters
+  ``RMSprop``/``Adam`` inherit torch's float16 problem: their default ``eps=1e-8`` rounds to 0 and
+  small gradients give inf/NaN steps. Use float32 or bfloat16 parameters, or ``eps >= 1e-4``.
+* Rules tied to particular params (``MetaSGD``, whose learning rates are per named tensor) are
+  refused with a ``TypeError``: the adapter calls the rule on one parameter at a time.
 """
 
 from __future__ import annotations
@@ -267,12 +272,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         enabled before the update, and its loss is returned.
         """
         loss = None
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be a callable that re-evaluates the model and returns the loss, or None, "
+                            f"got {type(closure).__name__}")
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         rule_loss = loss.detach() if isinstance(loss, Tensor) else None
         for group in self.param_groups:  # refuse before changing any parameter
+            lr = group["lr"]
+            lr = float(lr) if isinstance(lr, Tensor) else lr
             for p in group["params"]:
+                if p.grad is not None and lr != 1 and not abs(lr) <= torch.finfo(p.dtype).max:
+                    raise ValueError(f"lr={lr!r} of a param group does not fit its {p.dtype} parameters (it multiplies "
+                                     "their updates); use a finite lr within the dtype's range")
                 if p.grad is not None and p.grad.layout != torch.strided:
                     raise TypeError(
                         f"LearnedOptimizer does not support sparse gradients (parameter of shape {tuple(p.shape)} has a "
@@ -326,8 +339,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """
         groups_saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         saved_state = state_dict.get("state") if isinstance(state_dict, dict) else None
-        if not isinstance(groups_saved, list) or not isinstance(saved_state, dict):
-            raise ValueError("not an optimizer state_dict: expected a dict with 'state' and 'param_groups'")
+        if not isinstance(groups_saved, list) or not isinstance(saved_state, dict) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list)
+                and all(isinstance(i, int) for i in g["params"]) for g in groups_saved):
+            raise ValueError("not an optimizer state_dict: expected a dict with 'state' and 'param_groups' (a list of "
+                             "dicts, each with a 'params' list of parameter ids)")
+        for i, g in enumerate(groups_saved):
+            lr = g.get("lr")
+            lr = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 and lr.is_floating_point() else lr
+            # 0 is allowed here: a scheduler may have driven lr there before the state was saved
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"state_dict param group {i} has lr {g.get('lr')!r}; expected a finite number >= 0")
         saved_ids = list(chain.from_iterable(g["params"] for g in groups_saved))
         own = list(chain.from_iterable(g["params"] for g in self.param_groups))
         id_map = dict(zip(saved_ids, own)) if len(saved_ids) == len(own) else {}
@@ -339,6 +361,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         kept: dict[Any, Any] = {}
         rule_entries: dict[Any, dict[str, Any]] = {}
         for pid, entry in saved_state.items():
+            if pid in id_map and not isinstance(entry, dict):
+                raise ValueError(f"state_dict state of parameter {pid} is a {type(entry).__name__}; expected a dict")
             if isinstance(entry, dict) and pid in id_map:
                 if entry:
                     self._check_saved_state(pid, entry, id_map[pid], meta_rule)
@@ -370,6 +394,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{sorted(map(str, entry))}, but this optimizer's rule ({type(self.rule).__name__}) keeps "
                 f"{sorted(expected)}; build the optimizer with the same rule before loading"
             )
+        step = entry["step"]
+        if isinstance(step, Tensor):
+            ok = step.numel() == 1 and not step.is_complex() and float(step) >= 0 and float(step).is_integer()
+        else:
+            ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+        if not ok:
+            raise ValueError(f"state_dict entry 'step' of parameter {pid} is {step!r}; expected an int >= 0")
         if meta_rule is None:  # pragma: no cover
             return
         try:  # shapes from the rule's init on the meta device (allocates nothing)
@@ -378,7 +409,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return
         for name, value in entry.items():
             want = template.get(name)
-            if isinstance(want, Tensor) and isinstance(value, Tensor) and value.shape != want.shape:
+            if isinstance(want, Tensor) and not isinstance(value, Tensor):
+                raise ValueError(f"state_dict does not match this optimizer: state {name!r} of parameter {pid} is a "
+                                 f"{type(value).__name__}, but {type(self.rule).__name__} keeps a tensor there")
+            if isinstance(want, Tensor) and want.is_floating_point() and not value.is_floating_point():
+                raise ValueError(f"state_dict does not match this optimizer: state {name!r} of parameter {pid} is "
+                                 f"{value.dtype}, but {type(self.rule).__name__} keeps a floating-point tensor there")
+            if isinstance(want, Tensor) and value.shape != want.shape:
                 raise ValueError(
                     f"state_dict does not match this optimizer: state {name!r} of parameter {pid} has shape "
                     f"{tuple(value.shape)}, but {type(self.rule).__name__} on a parameter of shape {tuple(p.shape)} "

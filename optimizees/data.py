@@ -203,7 +203,10 @@ def _parse_idx(path: Path, data: bytes) -> np.ndarray:
         )
     array = np.frombuffer(data, dtype=dtype, count=count, offset=header_len)
     # A native-byte-order, writable copy that does not pin the whole file buffer.
-    return array.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    try:
+        return array.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    except ValueError as exc:  # e.g. (0, 2**32 - 1, 2**32 - 1): no data, but a shape numpy cannot hold
+        raise DataError(f"{path}: IDX dimensions {shape} are not a valid array shape ({exc})") from None
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -226,6 +229,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             The message names the file.
         OSError: the file cannot be opened or read.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__} ({path!r})")
     return _read_idx_bytes(Path(path))[0]
 
 
@@ -258,6 +263,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     Raises:
         DataError: neither is set; the message says how to set one and where to get the data.
     """
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a directory path (str or os.PathLike) or None, got "
+                        f"{type(data_dir).__name__} ({data_dir!r})")
     if data_dir is not None and str(data_dir) != "":
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_ENV_VAR, "")
@@ -403,10 +411,12 @@ def load_mnist(
             that disagree (counts, image size, labels outside 0..9).
         ValueError: an unknown ``split`` or ``dataset``.
     """
-    if dataset not in _DATASETS:
+    if not isinstance(dataset, str) or dataset not in _DATASETS:
         raise ValueError(f"dataset must be one of {sorted(_DATASETS)}, got {dataset!r}")
-    if split not in _SPLIT_PREFIX:
+    if not isinstance(split, str) or split not in _SPLIT_PREFIX:
         raise ValueError(f"split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {type(verify).__name__} ({verify!r})")
     info = _DATASETS[dataset]
     prefix = _SPLIT_PREFIX[split]
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")

@@ -40,6 +40,18 @@ EVAL_SPLITS = ("val", "test")
 NUM_TRAIN = 50_000
 
 
+def _check_activation(activation: Any) -> None:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def _check_widths(hidden: Any) -> tuple[int, ...]:
+    """Hidden-layer widths: a sequence of positive ints."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise TypeError(f"hidden must be a sequence of layer widths such as (20,), got {hidden!r}")
+    return tuple(check_positive_int("hidden width", h) for h in hidden)
+
+
 class MNISTData:
     """MNIST as float tensors in [0, 1], flattened to 784 features, split for l2o.
 
@@ -87,15 +99,30 @@ class MLPTask:
     def __init__(self, train_x: Tensor, train_y: Tensor, eval_x: Tensor, eval_y: Tensor, *,
                  hidden: Sequence[int] = (20,), activation: str = "sigmoid", batch_size: int = 128,
                  num_networks: int = 1) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        _check_activation(activation)
+        for name, t in (("train_x", train_x), ("train_y", train_y), ("eval_x", eval_x), ("eval_y", eval_y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        for name, t in (("train_x", train_x), ("eval_x", eval_x)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor (images in [0, 1]), got {t.dtype}")
+        for name, t in (("train_y", train_y), ("eval_y", eval_y)):
+            if t.dtype != torch.int64:
+                raise TypeError(f"{name} must be an int64 tensor of class labels 0..9, got {t.dtype}")
         if train_x.dim() != 2 or train_y.shape != train_x.shape[:1]:
             raise ValueError(f"expected train_x (N, features) and train_y (N,), got {tuple(train_x.shape)} "
                              f"and {tuple(train_y.shape)}")
         if eval_x.dim() != 2 or eval_y.shape != eval_x.shape[:1] or eval_x.shape[1] != train_x.shape[1]:
             raise ValueError(f"expected eval_x (M, {train_x.shape[1]}) and eval_y (M,), got {tuple(eval_x.shape)} "
                              f"and {tuple(eval_y.shape)}")
-        self.hidden = tuple(check_positive_int("hidden width", h) for h in hidden)
+        if len(train_x) == 0 or len(eval_x) == 0:
+            raise ValueError(f"train_x and eval_x must hold at least one example each, got {len(train_x)} and "
+                             f"{len(eval_x)}")
+        for name, t in (("train_y", train_y), ("eval_y", eval_y)):
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= 10:
+                raise ValueError(f"{name} must hold class labels in 0..9, found values in {lo}..{hi}")
+        self.hidden = _check_widths(hidden)
         self.activation = activation
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.num_networks = check_positive_int("num_networks", num_networks)
@@ -162,13 +189,16 @@ class MLPFamily:
     def __init__(self, data: MNISTData | None = None, *, data_dir: str | os.PathLike[str] | None = None,
                  hidden: Sequence[int] = (20,), activation: str = "sigmoid", batch_size: int = 128,
                  num_networks: int = 1, eval_split: str = "val") -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        if eval_split not in EVAL_SPLITS:
+        _check_activation(activation)
+        if not isinstance(eval_split, str) or eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
-        if isinstance(hidden, int) or not hidden:
+        if isinstance(hidden, int):
             raise ValueError(f"hidden must be a non-empty sequence of widths such as (20,), got {hidden!r}")
-        self.hidden = tuple(check_positive_int("hidden width", h) for h in hidden)
+        self.hidden = _check_widths(hidden)
+        if not self.hidden:
+            raise ValueError(f"hidden must be a non-empty sequence of widths such as (20,), got {hidden!r}")
+        if data is not None and not isinstance(data, MNISTData):
+            raise TypeError(f"data must be an MNISTData (or None to load one from data_dir), got {type(data).__name__}")
         self.activation = activation
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.num_networks = check_positive_int("num_networks", num_networks)

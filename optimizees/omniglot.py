@@ -194,6 +194,9 @@ def decode_png(data: bytes) -> np.ndarray:
         DataError: not a PNG, a damaged one (bad CRC, truncated, corrupt deflate stream), or a
             kind this reader does not handle (colour, 16-bit, interlaced); the message says which.
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be the PNG file's bytes, got {type(data).__name__}")
+    data = bytes(data)
     if data[:8] != _PNG_SIGNATURE:
         raise DataError("not a PNG file (bad signature)")
     pos, header, idat = 8, None, []
@@ -210,6 +213,8 @@ def decode_png(data: bytes) -> np.ndarray:
         if zlib.crc32(kind + body) != crc:
             raise DataError(f"damaged PNG: CRC mismatch in chunk {kind!r}")
         if kind == b"IHDR":
+            if len(body) != 13:
+                raise DataError(f"malformed PNG: the IHDR chunk has {len(body)} bytes, expected 13")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)
@@ -304,7 +309,9 @@ def _decode_zip(path: Path, image_size: int) -> tuple[np.ndarray, tuple[str, ...
     """Decode every ``<root>/<Alphabet>/<character>/<drawing>.png`` of the zip at ``path``."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    # a damaged central directory: BadZipFile, or an unknown zip version (NotImplementedError), an
+    # undecodable UTF-8 name (UnicodeDecodeError, a ValueError), a short read (EOFError)
+    except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError, EOFError) as exc:
         raise DataError(
             f"{path}: not a readable zip file ({exc}); expected the Omniglot zip "
             f"{path.name}. {_HOW_TO_GET}"
@@ -313,7 +320,8 @@ def _decode_zip(path: Path, image_size: int) -> tuple[np.ndarray, tuple[str, ...
         groups: dict[str, list[zipfile.ZipInfo]] = {}
         for info in archive.infolist():
             parts = info.filename.split("/")
-            if info.is_dir() or len(parts) != 4 or not parts[3].endswith(".png") or parts[0] == "__MACOSX":
+            # (not info.is_dir(): it fails on the empty name a damaged central directory can hold)
+            if info.filename.endswith("/") or len(parts) != 4 or not parts[3].endswith(".png") or parts[0] == "__MACOSX":
                 continue
             groups.setdefault("/".join(parts[:3]), []).append(info)
         if not groups:
@@ -339,7 +347,11 @@ def _decode_zip(path: Path, image_size: int) -> tuple[np.ndarray, tuple[str, ...
                 for info in sorted(groups[name], key=lambda i: i.filename):
                     try:
                         pixels = decode_png(archive.read(info))
-                    except (DataError, zipfile.BadZipFile, zlib.error, OSError) as exc:
+                    # a damaged entry: bad CRC or stream (BadZipFile, zlib.error, EOFError), a flipped
+                    # compression-method (NotImplementedError), encryption flag (RuntimeError) or name
+                    # flag (UnicodeDecodeError, a ValueError)
+                    except (DataError, zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError,
+                            RuntimeError, ValueError) as exc:
                         raise DataError(
                             f"{path}: damaged entry {info.filename} ({exc}). {_HOW_TO_GET}"
                         ) from exc
@@ -445,6 +457,7 @@ def read_omniglot_zip(
             expected layout, or holds a damaged or unsupported PNG; the message names the file
             and says how to get the official one.
     """
+    _check_read_args(path, verify, cache_dir)
     path = Path(path).expanduser()
     size = check_positive_int("image_size", image_size)
     if not path.is_file():
@@ -472,6 +485,16 @@ def read_omniglot_zip(
     elif verify:
         _verify(path, hit.sha256, hit.md5)
     return OmniglotData(torch.from_numpy(hit.images.copy()), hit.characters)
+
+
+def _check_read_args(path: Any, verify: Any, cache_dir: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__} ({path!r})")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {type(verify).__name__} ({verify!r})")
+    if cache_dir is not None and not isinstance(cache_dir, (bool, str, os.PathLike)):
+        raise TypeError(f"cache_dir must be a directory path, None (the default cache) or False (no cache), got "
+                        f"{type(cache_dir).__name__} ({cache_dir!r})")
 
 
 def _locate(root: Path) -> list[Path]:
@@ -512,6 +535,8 @@ def load_omniglot(
         DataError: no data directory, missing files (with the directories searched and how to
             get them), or any error of :func:`read_omniglot_zip`.
     """
+    _check_read_args("", verify, cache_dir)
+    check_positive_int("image_size", image_size)
     paths = _locate(resolve_data_dir(data_dir))
     parts = [read_omniglot_zip(p, verify=verify, cache_dir=cache_dir, image_size=image_size) for p in paths]
     if parts[0].images.shape[1:] != parts[1].images.shape[1:]:
@@ -529,8 +554,10 @@ def split_characters(num_characters: int, split: str, val_characters: int = 100)
     ``"test"``: ``[1200, num_characters)``. The boundary shrinks to ``num_characters`` when
     there are fewer characters (small test data).
     """
-    if split not in ("train", "val", "test"):
+    if not isinstance(split, str) or split not in ("train", "val", "test"):
         raise ValueError(f"split must be one of 'train', 'val', 'test', got {split!r}")
+    if isinstance(num_characters, bool) or not isinstance(num_characters, int) or num_characters < 0:
+        raise ValueError(f"num_characters must be an int >= 0, got {num_characters!r}")
     if (isinstance(val_characters, bool) or not isinstance(val_characters, int)
             or not 0 <= val_characters < META_TRAIN_CHARACTERS):
         raise ValueError(f"val_characters must be an int in [0, {META_TRAIN_CHARACTERS}), got {val_characters!r}")
@@ -721,12 +748,22 @@ class OmniglotTask:
                  forward: str = "grouped", info: EpisodeInfo | None = None) -> None:
         if forward not in _FORWARDS:
             raise ValueError(f"forward must be one of {_FORWARDS}, got {forward!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (a ConvNet), got {type(model).__name__}")
         for name, batch in (("support", support), ("query", query)):
+            if not (isinstance(getattr(batch, "inputs", None), Tensor) and isinstance(getattr(batch, "labels", None), Tensor)):
+                raise TypeError(f"{name} must be an EpisodeBatch(inputs, labels) of tensors, got {type(batch).__name__}")
             if batch.inputs.dim() != 5 or batch.labels.shape != batch.inputs.shape[:2]:
                 raise ValueError(
                     f"{name} must hold inputs (B, M, C, H, W) and labels (B, M), got "
                     f"{tuple(batch.inputs.shape)} and {tuple(batch.labels.shape)}"
                 )
+            if not batch.inputs.is_floating_point() or batch.labels.dtype != torch.int64:
+                raise TypeError(f"{name} must hold floating-point inputs and int64 labels, got {batch.inputs.dtype} "
+                                f"and {batch.labels.dtype}")
+            if batch.labels.numel() == 0:
+                raise ValueError(f"{name} must hold at least one episode with at least one image, got inputs of "
+                                 f"shape {tuple(batch.inputs.shape)}")
         if support.inputs.shape[0] != query.inputs.shape[0]:
             raise ValueError(f"support and query have different episode counts: "
                              f"{support.inputs.shape[0]} vs {query.inputs.shape[0]}")
@@ -789,6 +826,20 @@ class OmniglotTask:
         return OmniglotTask(cast(self.support), cast(self.query), model, self.forward, info)
 
 
+def _check_data(data: Any) -> None:
+    """``data`` must look like :class:`OmniglotData`: uint8 images ``(characters, drawings, S, S)``, one name each."""
+    images = getattr(data, "images", None)
+    characters = getattr(data, "characters", None)
+    if not isinstance(images, Tensor) or not isinstance(characters, (tuple, list)):
+        raise TypeError(f"data must be an OmniglotData (images, characters), got {type(data).__name__}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"data.images must be uint8 ink intensities of shape (characters, drawings, size, size), "
+                         f"got {images.dtype} of shape {tuple(images.shape)}")
+    if len(characters) != images.shape[0]:
+        raise ValueError(f"data.characters names {len(characters)} characters but data.images holds "
+                         f"{images.shape[0]}")
+
+
 class OmniglotFamily:
     """Samples :class:`OmniglotTask` meta-batches of N-way K-shot Omniglot episodes.
 
@@ -840,6 +891,8 @@ class OmniglotFamily:
         self.query_shots = check_positive_int("query_shots", query_shots)
         self.meta_batch_size = check_positive_int("meta_batch_size", meta_batch_size)
         self.channels = check_positive_int("channels", channels)
+        if isinstance(rotations, (str, bytes)) or not isinstance(rotations, Sequence):
+            raise ValueError(f"rotations must be a sequence of distinct values from {ROTATIONS}, got {rotations!r}")
         rot = tuple(rotations)
         if not rot or len(set(rot)) != len(rot) or any(
                 isinstance(r, bool) or not isinstance(r, int) or r not in ROTATIONS for r in rot):
@@ -849,14 +902,21 @@ class OmniglotFamily:
         self.forward = forward
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        try:
+            device = torch.device(device) if device is not None else torch.device("cpu")
+            torch.empty(0, device=device)  # an unavailable device (CUDA in a CPU build) fails here, by name
+        except (RuntimeError, TypeError, AssertionError) as exc:
+            raise ValueError(f"device must be an available torch.device or a device string such as 'cpu', got "
+                             f"{device!r} ({exc})") from None
         if data is None:
             data = load_omniglot(data_dir, verify=verify, cache_dir=cache_dir)
+        _check_data(data)
         positions = split_characters(data.images.shape[0], split, val_characters)
         self.split = split
         self.val_characters = val_characters
         self.rotations = rot
         self.dtype = dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = device
         #: names of the characters this family draws from (before rotation), in order.
         self.characters: tuple[str, ...] = tuple(data.characters[i] for i in positions)
         self.images = data.images[positions.start:positions.stop].to(self.device)

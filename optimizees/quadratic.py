@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.rules.base import check_positive_int
+from l2o.rules.base import check_float_dtype, check_hyperparameter, check_positive_int
 from l2o.tree import Params
 
 __all__ = ["QuadraticTask", "QuadraticFamily"]
@@ -30,11 +30,19 @@ class QuadraticTask:
     """
 
     def __init__(self, W: Tensor, y: Tensor, init_std: float = 0.01) -> None:
+        for name, t in (("W", W), ("y", y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
         if W.dim() != 3 or W.shape[1] != W.shape[2] or y.shape != W.shape[:2]:
             raise ValueError(f"expected W of shape (B, d, d) and y of shape (B, d), got {tuple(W.shape)} and {tuple(y.shape)}")
+        if W.numel() == 0:
+            raise ValueError(f"W and y must hold at least one quadratic of dimension >= 1, got W of shape {tuple(W.shape)}")
+        if not W.is_floating_point() or W.dtype != y.dtype or W.device != y.device:
+            raise TypeError(f"W and y must be floating-point tensors of the same dtype and device, got {W.dtype} on "
+                            f"{W.device} and {y.dtype} on {y.device}")
         self.W = W
         self.y = y
-        self.init_std = float(init_std)
+        self.init_std = check_hyperparameter("init_std", init_std)
 
     @property
     def num_functions(self) -> int:
@@ -70,10 +78,8 @@ class QuadraticFamily:
                  dtype: torch.dtype = torch.float32) -> None:
         self.dim = check_positive_int("dim", dim)
         self.num_functions = check_positive_int("num_functions", num_functions)
-        if not init_std >= 0:
-            raise ValueError(f"init_std must be >= 0, got {init_std!r}")
-        self.init_std = float(init_std)
-        self.dtype = dtype
+        self.init_std = check_hyperparameter("init_std", init_std)
+        self.dtype = check_float_dtype("dtype", dtype)
 
     def sample(self, generator: torch.Generator, num_functions: int | None = None) -> QuadraticTask:
         """Draw a task; ``num_functions`` overrides the family's default batch size."""

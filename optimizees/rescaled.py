@@ -15,6 +15,7 @@ factors up to :math:`e^{k}` and :math:`e^{2k}` per coordinate.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,18 +24,28 @@ from torch import Tensor
 from l2o.tasks import Task, TaskFamily
 from l2o.tree import Params
 
-__all__ = ["RescaledTask", "RescaledFamily"]
+__all__ = ["RescaledTask", "RescaledFamily", "MAX_LOG_SCALE"]
+
+#: Largest accepted ``max_log_scale``: :math:`e^{2k}` (the curvature factor) stays below float32's maximum.
+MAX_LOG_SCALE = 40.0
 
 
 class RescaledTask:
     """``task`` seen through per-coordinate scales ``scales`` (same keys and shapes as its params)."""
 
     def __init__(self, task: Task, scales: Params) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a task (with init, sample_batch and loss), got {type(task).__name__}")
+        if not isinstance(scales, Mapping) or not scales or not all(isinstance(v, Tensor) for v in scales.values()):
+            raise TypeError(f"scales must be a non-empty dict of tensors keyed like the task's params, got {scales!r}")
         self.task = task
         self.scales = scales
 
     def init(self, generator: torch.Generator) -> Params:
-        return {k: v / self.scales[k] for k, v in self.task.init(generator).items()}
+        params = self.task.init(generator)
+        if params.keys() != self.scales.keys():
+            raise ValueError(f"scales must have the keys of the task's params {sorted(params)}, got {sorted(self.scales)}")
+        return {k: v / self.scales[k] for k, v in params.items()}
 
     def sample_batch(self, split: str, generator: torch.Generator) -> Any:
         return self.task.sample_batch(split, generator)
@@ -56,8 +67,12 @@ class RescaledFamily:
     """
 
     def __init__(self, family: TaskFamily, max_log_scale: float) -> None:
-        if not (isinstance(max_log_scale, (int, float)) and math.isfinite(max_log_scale) and max_log_scale > 0):
-            raise ValueError(f"max_log_scale must be a positive number, got {max_log_scale!r}")
+        if not callable(getattr(family, "sample", None)):
+            raise TypeError(f"family must be a task family (with a sample(generator) method), got {type(family).__name__}")
+        if not (isinstance(max_log_scale, (int, float)) and not isinstance(max_log_scale, bool)
+                and math.isfinite(max_log_scale) and 0 < max_log_scale <= MAX_LOG_SCALE):
+            raise ValueError(f"max_log_scale must be a number in (0, {MAX_LOG_SCALE}] (scales e^k and curvatures "
+                             f"e^2k must stay finite in float32), got {max_log_scale!r}")
         self.family = family
         self.max_log_scale = float(max_log_scale)
         self.name = f"{getattr(family, 'name', 'task')}-rescaled"

@@ -82,3 +82,137 @@ def test_malformed_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     torch.save({"format": "l2o.rule", "format_version": 7}, tmp_path / "old.pt")
     code, _, err = _run(capsys, "compare", "--task", "quadratic", "--rule", str(tmp_path / "old.pt"))
     assert code == 2 and "format_version 7" in err
+
+
+# --- issue 6: consistent subcommands, evaluate, list-pretrained, --device, progress, --json/--plot, exit codes ---
+
+COMMANDS = ["meta-train", "compare", "evaluate", "list-pretrained", "maml"]
+TINY_TRAIN = ["--task", "quadratic", "--epochs", "2", "--horizon", "10", "--truncation", "5", "--validate-every", "1",
+              "--num-functions", "8", "--hidden-size", "6", "--no-progress", "--seed", "3"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "example" in out and f"l2o {command}" in out.split("example", 1)[1]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(command in out for command in COMMANDS)
+
+
+def test_list_pretrained(tmp_path, capsys):
+    code, out, _ = _run(capsys, "list-pretrained", "--json", str(tmp_path / "p.json"))
+    header = out.splitlines()[0].split()
+    assert code == 0 and header[:3] == ["name", "task", "description"] and "training command" in out.splitlines()[0]
+    assert "quadratic" in out and "l2o meta-train" in out
+    entries = json.loads((tmp_path / "p.json").read_text())
+    assert [e["name"] for e in entries] == [e["name"] for e in __import__("l2o").list_pretrained()]
+
+
+def test_meta_train_json_plot_and_summary_table(tmp_path, capsys):
+    ckpt, js, png = tmp_path / "q.pt", tmp_path / "q.json", tmp_path / "q.png"
+    code, out, _ = _run(capsys, "meta-train", *TINY_TRAIN, "--out", str(ckpt), "--json", str(js), "--plot", str(png))
+    assert code == 0 and "best validation loss" in out and "meta-steps" in out
+    report = json.loads(js.read_text())
+    assert report["meta_steps"] == 4 and report["seed"] == 3 and report["device"] == "cpu"
+    assert len(report["history"]["epoch_loss"]) == 2 and report["out"] == str(ckpt)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_matches_compare_learned_row(tmp_path, capsys):
+    """`evaluate` runs the rule on the held-out tasks `compare` uses (same seeds), without tuning baselines."""
+    ckpt = tmp_path / "q.pt"
+    assert _run(capsys, "meta-train", *TINY_TRAIN, "--out", str(ckpt))[0] == 0
+    sizes = ["--horizon", "12", "--num-tasks", "20", "--num-functions", "8"]
+    code, _, err = _run(capsys, "compare", "--task", "quadratic", "--rule", str(ckpt), *sizes, "--num-tuning-tasks",
+                        "8", "--json", str(tmp_path / "c.json"))
+    assert code == 0 and "compare: tuning adam" in err  # the progress bar names the rule being tuned
+    code, out, err = _run(capsys, "evaluate", "--task", "quadratic", "--rule", str(ckpt), *sizes,
+                          "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png"))
+    assert code == 0 and "loss@12 mean" in out and "evaluate on quadratic" in err
+    learned = json.loads((tmp_path / "c.json").read_text())["results"]["learned"]
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["num_tasks"] == 20 and report["seed"] == 20_000 and report["trained_on"] == "quadratic"
+    assert report["final_loss_mean"] == pytest.approx(learned["final_loss_mean"], rel=1e-6)
+    assert report["final_loss_std"] == pytest.approx(learned["final_loss_std"], rel=1e-6)
+    assert report["curve"] == pytest.approx(learned["curve"], rel=1e-6) and len(report["curve_std"]) == 13
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = _run(capsys, "evaluate", "--task", "quadratic", "--rule", str(ckpt), *sizes, "--no-progress")
+    assert code == 0 and err == ""
+
+
+def test_evaluate_refuses_a_maml_checkpoint(tmp_path, capsys):
+    from l2o.checkpoints import save_rule
+    from l2o.rules import SGD
+
+    save_rule(tmp_path / "m.pt", SGD(lr=0.01), {"mode": "maml"}, init={"w": torch.zeros(2)})
+    code, _, err = _run(capsys, "evaluate", "--task", "quadratic", "--rule", str(tmp_path / "m.pt"))
+    assert code == 2 and "MAML checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+@pytest.mark.parametrize("argv", [
+    ["meta-train", "--task", "quadratic", "--out", "x.pt"],
+    ["compare", "--task", "quadratic"],
+    ["evaluate", "--task", "quadratic", "--rule", "x.pt"],
+    ["maml", "--task", "sine", "--out", "x.pt"],
+])
+def test_device_cuda_without_cuda_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *argv, "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("argv", [["compare", "--task", "quadratic", "--device", "tpu"],
+                                  ["compare", "--task", "quadratic", "--plot", "r.gif"],
+                                  ["evaluate", "--task", "quadratic"],
+                                  ["evaluate", "--task", "quadratic", "--rule", "a.pt", "--pretrained", "quadratic"],
+                                  ["list-pretrained", "--bogus"]])
+def test_new_flags_bad_usage_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_failure_while_running_is_one_line_exit_1(capsys, monkeypatch):
+    import l2o.meta
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the device ran out of patience\nsecond line of detail")
+
+    monkeypatch.setattr(l2o.meta, "compare", boom)
+    monkeypatch.delenv("L2O_DEBUG", raising=False)
+    code, _, err = _run(capsys, "compare", "--task", "quadratic", "--no-progress")
+    assert code == 1 and "failed: RuntimeError: the device ran out of patience" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_device_family_moves_tasks():
+    """`--device` moves each sampled task with its `to` (checked here on the meta device, without a GPU)."""
+    from l2o.cli.common import DeviceFamily, UsageError, on_device
+    from optimizees.quadratic import QuadraticFamily
+    from optimizees.sine import SineFamily
+
+    meta = torch.device("meta")
+    family = on_device(QuadraticFamily(num_functions=4), meta)
+    assert isinstance(family, DeviceFamily) and family.name == "quadratic" and family.config()["num_functions"] == 4
+    assert family.sample(torch.Generator().manual_seed(0)).W.device == meta
+    sine = DeviceFamily(SineFamily(meta_batch_size=3), meta)
+    assert sine.evaluation_tasks(num_tasks=5).support[0].device == meta and sine.shots == 10
+    assert on_device(QuadraticFamily(), torch.device("cpu")).__class__ is QuadraticFamily
+
+    class NoTo:
+        name = "static"
+
+        def sample(self, generator):
+            return object()
+
+    with pytest.raises(UsageError, match="cannot be moved to a device"):
+        on_device(NoTo(), meta)

@@ -15,14 +15,25 @@
 * ``LearnedOptimizer`` over every rule that builds without arguments, with 0-d and empty params,
   every floating dtype and gradients from 1e-30 to 1e30 (and NaN): finite updates for finite
   gradients; ``MetaSGD`` likewise through its own ``update``.
+* Damaged ``LearnedOptimizer`` state dicts: refused by name, or loaded and stepping.
+* Omniglot's PNG decoder and zip reader on PNGs with random (CRC-valid) chunks and on damaged zips:
+  an image / the decoded characters, or a ``DataError``.
+
+Each property was also run with 3,000 to 10,000 examples while writing this file; the counts here
+keep the whole file under 20 s on one CPU thread of a busy 2-core machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import math
+import os
 import struct
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +53,8 @@ from l2o.maml import MAML, MAMLInit, SupervisedTask, adaptation_curve
 from l2o.rules import NAG, SGD, Adam, LSTMRule, MetaSGD, RMSprop
 from optimizees.data import DataError, IDX_DTYPES, load_mnist, read_idx
 from optimizees.mlp import MLPFamily, MLPTask, MNISTData
-from optimizees.omniglot import ConvNet, OmniglotData, OmniglotFamily, read_omniglot_zip, split_characters
+from optimizees.omniglot import (ConvNet, OmniglotData, OmniglotFamily, decode_png, read_omniglot_zip,
+                                 split_characters)
 from optimizees.quadratic import QuadraticFamily, QuadraticTask
 from optimizees.rescaled import RescaledFamily
 from optimizees.sine import SineFamily, SineMLP
@@ -125,7 +137,21 @@ def _mnist_data(n: int = 20, features: int = 784) -> MNISTData:
 
 
 _MNIST = _mnist_data()
-_GEN = torch.Generator().manual_seed(0)
+
+
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _no_data_env():
+    """Without $L2O_DATA, so that a data_dir of None fails fast instead of reading real data."""
+    saved = os.environ.pop("L2O_DATA", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["L2O_DATA"] = saved
 
 
 def _sample_loss(family: Any) -> None:
@@ -208,11 +234,12 @@ ENTRIES = [
     Entry("MAML.adapt", lambda loss_fn, steps, first_order, params: MAML(_lin()).adapt(
               loss_fn, torch.ones(3, 2), torch.ones(3, 1), steps=steps, first_order=first_order, params=params),
           {"loss_fn": _v(F.mse_loss), "steps": _v(1), "first_order": _v(None), "params": _v(None)},
-          aliases={"loss_fn": ("loss",), "params": ("keys", "Tensor")}),
+          aliases={"loss_fn": ("argument",), "params": ("keys", "Tensor")}),
     Entry("SupervisedTask", SupervisedTask,
           {"model": _lin, "loss_fn": _v(F.mse_loss), "support": lambda: (torch.ones(3, 2), torch.ones(3, 1)),
            "query": _v(None), "batched": _v(False), "params": _v(None)},
-          lambda task: task.loss(task.init(_GEN), task.sample_batch("train", _GEN))),
+          lambda task: task.loss(task.init(_g()), task.sample_batch("train", _g())),
+          {"loss_fn": ("argument",), "support": ("input", "Tensor")}),
     Entry("adaptation_curve", _adaptation,
           {"rule": lambda: SGD(lr=0.1), "task": _sine_task, "steps": _v(2), "generator": _v(None),
            "params": lambda: SineMLP(hidden=(4,)).init_params(torch.Generator().manual_seed(0), 2)},
@@ -228,7 +255,7 @@ ENTRIES = [
           {"dim": _v(3), "num_functions": _v(4), "init_std": _v(0.01), "dtype": _v(torch.float32)}, _sample_loss),
     Entry("QuadraticTask", QuadraticTask,
           {"W": lambda: torch.randn(2, 3, 3), "y": lambda: torch.randn(2, 3), "init_std": _v(0.01)},
-          lambda task: task.loss(task.init(_GEN)), {"W": ("shape",), "y": ("shape",)}),
+          lambda task: task.loss(task.init(_g())), {"W": ("shape",), "y": ("shape",)}),
     Entry("RescaledFamily", RescaledFamily, {"family": lambda: QuadraticFamily(dim=2, num_functions=3),
                                              "max_log_scale": _v(2.0)}, _sample_loss),
     Entry("SineFamily", SineFamily,
@@ -236,14 +263,14 @@ ENTRIES = [
            "phase": _v((0.0, 3.0)), "x_range": _v((-5.0, 5.0)), "hidden": _v((4,)), "dtype": _v(torch.float32)},
           _sample_loss),
     Entry("SineMLP", SineMLP, {"hidden": _v((4, 4)), "dtype": _v(torch.float64)},
-          lambda net: net.init_params(_GEN, 2)),
+          lambda net: net.init_params(_g(), 2)),
     Entry("MLPTask", lambda train_x, train_y, eval_x, eval_y, hidden, activation, batch_size, num_networks: MLPTask(
               train_x, train_y, eval_x, eval_y, hidden=hidden, activation=activation, batch_size=batch_size,
               num_networks=num_networks),
           {"train_x": lambda: torch.rand(6, 5), "train_y": lambda: torch.arange(6) % 10,
            "eval_x": lambda: torch.rand(4, 5), "eval_y": lambda: torch.arange(4),
            "hidden": _v((3,)), "activation": _v("relu"), "batch_size": _v(4), "num_networks": _v(2)},
-          _sample_loss_task := (lambda task: task.loss(task.init(_GEN), task.sample_batch("train", _GEN))),
+          lambda task: task.loss(task.init(_g()), task.sample_batch("train", _g())),
           {"train_x": ("shape", "(N, features)"), "train_y": ("shape", "(N,)"),
            "eval_x": ("shape", "(M,"), "eval_y": ("shape", "(M,")}),
     Entry("MLPFamily", lambda data, hidden, activation, batch_size, num_networks, eval_split: MLPFamily(
@@ -256,15 +283,16 @@ ENTRIES = [
           {"ways": _v(3), "shots": _v(1), "query_shots": _v(2), "meta_batch_size": _v(2), "split": _v("train"),
            "val_characters": _v(10), "rotations": _v((0, 90)), "channels": _v(4), "dtype": _v(torch.float32),
            "device": _v(None), "forward": _v("grouped")},
-          lambda fam: fam.sample(_GEN),
+          lambda fam: fam.sample(_g()),
           {"split": ("exceeds the",), "val_characters": ("exceeds the",), "rotations": ("exceeds the",)}),
     Entry("OmniglotFamily(data)", lambda data: OmniglotFamily(data=data, ways=3, query_shots=2, channels=4,
                                                                val_characters=0),
           {"data": _v(_OMNIGLOT)}, aliases={"data": ("L2O_DATA", "data_dir", "data directory", "exceeds the")}),
-    Entry("ConvNet", lambda ways, channels, num_blocks, in_channels, image_size: ConvNet(
+    Entry("ConvNet", lambda ways, channels, num_blocks, in_channels, image_size: (ConvNet(
               ways, channels=channels, num_blocks=num_blocks, in_channels=in_channels, image_size=image_size),
+              image_size),
           {"ways": _v(3), "channels": _v(4), "num_blocks": _v(2), "in_channels": _v(1), "image_size": _v(8)},
-          lambda net: net(torch.zeros(2, net.blocks[0]["conv"].in_channels, 8, 8)),
+          lambda out: out[0](torch.zeros(2, out[0].blocks[0]["conv"].in_channels, out[1], out[1])),
           {"num_blocks": ("max-pools",)}),
     Entry("split_characters", split_characters,
           {"num_characters": _v(50), "split": _v("val"), "val_characters": _v(10)}),
@@ -281,8 +309,7 @@ ENTRIES = [
 ]
 
 
-@FUZZ
-@settings(max_examples=400)
+@settings(FUZZ, max_examples=800)
 @given(data=st.data())
 def test_one_bad_argument_works_or_gives_an_error_naming_it(data: st.DataObject) -> None:
     entry = data.draw(st.sampled_from(ENTRIES), label="entry point")
@@ -290,21 +317,22 @@ def test_one_bad_argument_works_or_gives_an_error_naming_it(data: st.DataObject)
     value = data.draw(ANYTHING, label="value")
     kwargs = {k: make() for k, make in entry.valid.items()}
     kwargs[arg] = value
-    exc = _outcome(lambda: entry.then(entry.call(**kwargs)))
+    with _no_data_env():
+        exc = _outcome(lambda: entry.then(entry.call(**kwargs)))
     if exc is not None:
         message = str(exc)
         words = (arg, *entry.aliases.get(arg, ()))
         assert any(w in message for w in words), f"{entry.name}({arg}={value!r}): {type(exc).__name__}: {message}"
 
 
-@FUZZ
-@settings(max_examples=200)
+@settings(FUZZ, max_examples=400)
 @given(data=st.data())
 def test_many_bad_arguments_work_or_give_a_value_or_type_error(data: st.DataObject) -> None:
     entry = data.draw(st.sampled_from(ENTRIES), label="entry point")
     bad = data.draw(st.sets(st.sampled_from(sorted(entry.valid)), min_size=1), label="arguments")
     kwargs = {k: data.draw(ANYTHING, label=k) if k in bad else make() for k, make in entry.valid.items()}
-    exc = _outcome(lambda: entry.then(entry.call(**kwargs)))
+    with _no_data_env():
+        exc = _outcome(lambda: entry.then(entry.call(**kwargs)))
     assert exc is None or str(exc), f"{entry.name}: {type(exc).__name__} without a message"
 
 
@@ -340,8 +368,7 @@ def _rules() -> list[l2o.Rule]:
 _RULES = _rules()
 
 
-@FUZZ
-@settings(max_examples=150)
+@settings(FUZZ, max_examples=300)
 @given(rule=st.sampled_from(_RULES), grads=_TREES, params=_TREES, step=st.one_of(st.integers(-2, 3), ANYTHING),
        state=st.sampled_from(["own", "other", "none"]) | ANYTHING)
 def test_update_with_bad_arguments_gives_a_value_or_type_error(rule, grads, params, step, state) -> None:
@@ -383,8 +410,7 @@ def idx_files(draw: st.DrawFn) -> bytes:
     return out
 
 
-@FUZZ
-@settings(max_examples=150)
+@settings(FUZZ, max_examples=200)
 @given(payload=idx_files())
 def test_read_idx_random_headers_give_an_array_or_a_data_error(payload: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -404,8 +430,7 @@ _IMAGES = _idx(np.zeros((2, 28, 28), dtype=np.uint8))
 _LABELS = _idx(np.array([3, 7], dtype=np.uint8))
 
 
-@FUZZ
-@settings(max_examples=80)
+@settings(FUZZ, max_examples=150)
 @given(images=idx_files() | st.just(_IMAGES), labels=idx_files() | st.just(_LABELS), verify=st.booleans(),
        split=st.sampled_from(["train", "test"]))
 def test_load_mnist_with_damaged_files_gives_a_result_or_a_data_error(images, labels, verify, split) -> None:
@@ -451,8 +476,7 @@ def damaged_files(draw: st.DrawFn) -> bytes:
     return b"PK\x03\x04" + draw(st.binary(max_size=200))
 
 
-@FUZZ
-@settings(max_examples=150)
+@settings(FUZZ, max_examples=200)
 @given(payload=damaged_files())
 def test_damaged_checkpoints_and_training_states_give_a_checkpoint_error(payload: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -518,13 +542,13 @@ _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 _SHAPES = st.lists(st.integers(0, 4), max_size=3).map(tuple)
 
 
-@FUZZ
-@settings(max_examples=120)
+@settings(FUZZ, max_examples=300)
 @given(name=st.sampled_from(sorted(NO_ARGUMENT_RULES)), shapes=st.lists(_SHAPES, min_size=1, max_size=3),
        dtype=st.sampled_from(_DTYPES), k=st.integers(-30, 30), nan=st.booleans(), steps=st.integers(1, 3),
        seed=st.integers(0, 2**16))
 def test_learned_optimizer_gives_finite_updates_for_every_rule(name, shapes, dtype, k, nan, steps, seed) -> None:
     assume(not (dtype == torch.float16 and name in _FP16_UNSAFE))
+    assume(dtype != torch.float16 or k <= 3)  # near float16's max (65504), momentum sums overflow (as in torch)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
@@ -545,8 +569,7 @@ def test_learned_optimizer_gives_finite_updates_for_every_rule(name, shapes, dty
                 assert torch.isfinite(p).all(), (name, dtype, k, (p - b).abs().max())
 
 
-@FUZZ
-@settings(max_examples=60)
+@settings(FUZZ, max_examples=150)
 @given(shapes=st.lists(_SHAPES, min_size=1, max_size=3), dtype=st.sampled_from(_DTYPES), k=st.integers(-30, 30),
        batch=st.one_of(st.none(), st.integers(1, 3)), lr=st.sampled_from([1e-3, 0.1, 1.0]))
 def test_metasgd_gives_finite_updates_for_any_shapes_and_magnitudes(shapes, dtype, k, batch, lr) -> None:
@@ -554,11 +577,142 @@ def test_metasgd_gives_finite_updates_for_any_shapes_and_magnitudes(shapes, dtyp
     params = {f"p{i}": torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for i, s in enumerate(shapes)}
     rule = MetaSGD(params, lr=lr)
     lead = () if batch is None else (batch,)
-    params = {n: p.expand(*lead, *p.shape) for n, p in params.items()}
+    params = {n: p.expand(*lead, *p.shape) if lead else p for n, p in params.items()}
     grads = {n: (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 10.0**k).to(dtype) for n, p in params.items()}
     assume(all(torch.isfinite(g).all() for g in grads.values()))
     updates, _ = rule.update(grads, rule.init(params), params, step=0)
     for n, u in updates.items():
         assert u.shape == params[n].shape and u.dtype == dtype
         assert torch.isfinite(u).all()
-        torch.testing.assert_close(u, -lr * grads[n], rtol=1e-2, atol=0, equal_nan=False)
+        # subnormal results of float16/bfloat16 round coarsely: no relative tolerance there
+        torch.testing.assert_close(u, -lr * grads[n], rtol=1e-2, atol=torch.finfo(dtype).tiny)
+
+
+# ----------------------------------------------------------------------------- the adapter's state_dict
+
+
+def _trained_optimizer(rule: l2o.Rule) -> tuple[list[nn.Parameter], l2o.LearnedOptimizer]:
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(()))]
+    opt = l2o.LearnedOptimizer([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], rule=rule)
+    _step_optimizer(opt)
+    return params, opt
+
+
+@settings(FUZZ, max_examples=200)
+@given(rule=st.sampled_from(["lstm", "adam", "sgd"]), data=st.data())
+def test_a_damaged_state_dict_is_refused_or_loads_and_steps(rule, data) -> None:
+    torch.manual_seed(0)
+    make = {"lstm": lambda: LSTMRule(hidden_size=2, num_layers=1), "adam": Adam,
+            "sgd": lambda: SGD(momentum=0.9)}[rule]
+    params, opt = _trained_optimizer(make())
+    sd = opt.state_dict()
+    where = data.draw(st.sampled_from(["top", "group", "state", "entry"]), label="where")
+    value = data.draw(ANYTHING, label="value")
+    delete = data.draw(st.booleans(), label="delete")
+    if where == "top":
+        target, key = sd, data.draw(st.sampled_from(["state", "param_groups"]))
+    elif where == "group":
+        target = sd["param_groups"][data.draw(st.integers(0, 1))]
+        key = data.draw(st.sampled_from(["params", "lr"]))
+    elif where == "state":
+        target, key = sd["state"], data.draw(st.sampled_from([0, 1, 2]))
+    else:
+        target = sd["state"][data.draw(st.integers(0, 1))]
+        key = data.draw(st.sampled_from(sorted(target)))
+    if delete:
+        target.pop(key, None)
+    else:
+        target[key] = value
+    fresh = l2o.LearnedOptimizer([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], rule=make())
+    try:
+        fresh.load_state_dict(sd)
+    except (ValueError, TypeError) as exc:
+        assert str(exc)
+        return
+    exc = _outcome(lambda: _step_optimizer(fresh))  # what was accepted steps, or names the problem (an lr too big)
+    assert exc is None or "lr" in str(exc), exc
+
+
+# ----------------------------------------------------------------------------- Omniglot's PNGs and zips
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@st.composite
+def png_files(draw: st.DrawFn) -> bytes:
+    """PNGs with valid chunk CRCs but random headers, chunk lists and scanline data."""
+    width, height = draw(st.integers(0, 9)), draw(st.integers(0, 9))
+    depth = draw(st.sampled_from([1, 2, 4, 8, 16, 3]))
+    colour, interlace = draw(st.sampled_from([0, 0, 0, 2, 3])), draw(st.sampled_from([0, 0, 1]))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    ihdr = draw(st.sampled_from([ihdr, ihdr[:-1], ihdr + b"\0"]) | st.binary(max_size=16))
+    stride = (width * depth + 7) // 8
+    rows = b"".join(bytes([draw(st.integers(0, 6))]) + draw(st.binary(min_size=stride, max_size=stride))
+                    for _ in range(height))
+    rows = draw(st.sampled_from([rows, rows[:-1], rows + b"\0"]))
+    idat = draw(st.sampled_from([zlib.compress(rows)]) | st.binary(max_size=20))
+    chunks = [(b"IHDR", ihdr), (b"IDAT", idat), (b"IEND", b"")]
+    extra = draw(st.sampled_from([None, (b"tIME", b"\0" * 7), (b"PLTE", b"\0\0\0"), (b"IDAT", b"")]))
+    if extra is not None:
+        chunks.insert(draw(st.integers(0, len(chunks))), extra)
+    if draw(st.booleans()):
+        del chunks[draw(st.integers(0, len(chunks) - 1))]
+    out = b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(k, b) for k, b in chunks)
+    if draw(st.booleans()):
+        out = out[: draw(st.integers(0, len(out)))]
+    return out
+
+
+@settings(FUZZ, max_examples=400)
+@given(payload=png_files() | st.binary(max_size=60))
+def test_decode_png_gives_an_image_or_a_data_error(payload: bytes) -> None:
+    try:
+        image = decode_png(payload)
+    except DataError as exc:
+        assert str(exc)
+        return
+    at = payload.index(b"IHDR") + 4  # png_files() puts no other "IHDR" before the header chunk
+    width, height = struct.unpack(">II", payload[at:at + 8])
+    assert image.dtype == np.uint8 and image.shape == (height, width)
+
+
+def _small_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        for c in range(2):
+            for d in range(2):
+                levels = np.random.default_rng(10 * c + d).integers(0, 2, (12, 12), dtype=np.uint8)
+                z.writestr(f"images_background/A/character{c:02d}/{d:02d}.png",
+                           b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 12, 12, 8, 0, 0, 0, 0))
+                           + _chunk(b"IDAT", zlib.compress(b"".join(b"\0" + bytes(r * 255) for r in levels)))
+                           + _chunk(b"IEND", b""))
+    return buffer.getvalue()
+
+
+_ZIP = _small_zip()
+
+
+@settings(FUZZ, max_examples=250)
+@given(data=st.data())
+def test_damaged_omniglot_zips_give_images_or_a_data_error(data: st.DataObject) -> None:
+    raw = bytearray(_ZIP)
+    how = data.draw(st.sampled_from(["flip", "truncate", "random"]), label="how")
+    if how == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    elif how == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        raw = bytearray(b"PK\x03\x04" + data.draw(st.binary(max_size=100)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "images_background.zip"
+        path.write_bytes(bytes(raw))
+        try:
+            out = read_omniglot_zip(path, verify=False, cache_dir=False, image_size=6)
+        except DataError as exc:
+            assert str(path) in str(exc)
+            return
+        assert out.images.dtype == torch.uint8 and out.images.shape[2:] == (6, 6)
+        assert len(out.characters) == out.images.shape[0]

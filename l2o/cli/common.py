@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["UsageError", "RULE_DEFAULTS", "COMPARE_DEFAULTS", "positive_int", "positive_float", "nonnegative_float",
-           "add_task_args", "family_from_args", "mnist_family", "resolve_training_state"]
+           "add_task_args", "family_from_args", "mnist_family", "resolve_training_state", "device_name", "plot_path",
+           "add_device_arg", "resolve_device", "DeviceFamily", "on_device", "format_table", "write_json",
+           "RuleProgress", "add_distributed_args", "init_distributed"]
 
 
 class UsageError(ValueError):
@@ -137,3 +139,210 @@ def resolve_training_state(args: argparse.Namespace) -> tuple[Path | None, int |
         if state_path.is_dir():
             raise UsageError(f"--state {state_path} is a directory; give a file path")
     return state_path, checkpoint_every
+
+
+# --- devices, output files, tables and progress (shared by every command) ---------------------------------------
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def device_name(text: str) -> str:
+    """argparse type of ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked later,
+    by :func:`resolve_device`, so that a missing GPU is a one-line error)."""
+    name = text.strip().lower()
+    if name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def plot_path(text: str) -> Path:
+    """argparse type of ``--plot``: a path whose suffix matplotlib writes (checked before any work is done)."""
+    path = Path(text)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"expected a figure path ending in {', '.join(PLOT_SUFFIXES)}, got {text!r}")
+    return path
+
+
+def add_device_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    """Add ``--device`` (default cpu); ``note`` says where cuda is not supported."""
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu (default) or cuda / cuda:N (needs a CUDA build of torch and a GPU)" + (f"; {note}" if note else ""))
+
+
+def resolve_device(args: argparse.Namespace) -> Any:
+    """The ``torch.device`` of ``--device``; a :class:`UsageError` when CUDA is asked for but unavailable."""
+    import torch
+
+    name = getattr(args, "device", "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible to this process")
+            raise UsageError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _move(task: Any, device: Any) -> Any:
+    to = getattr(task, "to", None)
+    if not callable(to):
+        raise UsageError(f"--device {device}: {type(task).__name__} tasks cannot be moved to a device yet; "
+                         "use --device cpu")
+    return to(device=device)
+
+
+class DeviceFamily:
+    """A task family whose tasks (and models) are moved to ``device`` with their ``to`` method.
+
+    Everything else (``name``, ``config``, further attributes) is the wrapped family's.
+    """
+
+    def __init__(self, family: Any, device: Any) -> None:
+        self.family = family
+        self.device = device
+        self.name = getattr(family, "name", type(family).__name__)
+
+    def sample(self, generator: Any, *args: Any, **kwargs: Any) -> Any:
+        """A task of the wrapped family, on :attr:`device`."""
+        return _move(self.family.sample(generator, *args, **kwargs), self.device)
+
+    def config(self) -> dict[str, Any]:
+        """The wrapped family's config."""
+        return self.family.config()
+
+    def model(self) -> Any:
+        """The wrapped family's model, on :attr:`device`."""
+        return self.family.model().to(self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("family", "device"):  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        value = getattr(self.family, name)
+        if name == "evaluation_tasks":
+            return lambda *args, **kwargs: _move(value(*args, **kwargs), self.device)
+        return value
+
+
+def on_device(family: Any, device: Any) -> Any:
+    """``family`` itself on the CPU; else a :class:`DeviceFamily`, after checking with one throwaway
+    task that its tasks can move (a :class:`UsageError` naming the task type if not)."""
+    if device.type == "cpu":
+        return family
+    import torch
+
+    _move(family.sample(torch.Generator().manual_seed(0)), device)
+    return DeviceFamily(family, device)
+
+
+def format_table(rows: list[tuple[str, ...]] | list[list[str]]) -> str:
+    """Rows of strings (the first is the header) as left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` (creating its directory)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+class RuleProgress:
+    """A tqdm bar with one tick per rule, driven by the ``progress(label)`` callback of
+    :func:`l2o.meta.compare` (called as each rule starts): the description names the rule being
+    evaluated or lr-tuned."""
+
+    def __init__(self, labels: list[str], *, num_lrs: int, disable: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.num_lrs = num_lrs
+        self.bar = tqdm(total=len(labels), desc="compare", unit="rule", disable=disable)
+        self.started = False
+
+    def __call__(self, label: str) -> None:
+        from ..rules import HAND_RULES
+
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        what = f"tuning {label} ({self.num_lrs} lrs)" if label in HAND_RULES else f"evaluating {label}"
+        self.bar.set_description(f"compare: {what}")
+
+    def close(self) -> None:
+        """Complete and close the bar."""
+        if self.started:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+# --- distributed meta-training (torchrun) ------------------------------------------------------------------------
+
+#: The environment torchrun (or any launcher) gives every process of a run.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def add_distributed_args(p: argparse.ArgumentParser, tasks: str = "tasks") -> None:
+    """Add ``--distributed``, ``--dist-timeout`` and ``--tasks-per-step`` (whose help calls a task ``tasks``)."""
+    p.add_argument("--tasks-per-step", type=positive_int, default=None, metavar="T",
+                   help=f"{tasks} whose meta-gradients are averaged in each meta-step (default 1; with "
+                        "--distributed the number of ranks, which must divide it)")
+    p.add_argument("--distributed", action="store_true",
+                   help="share each meta-batch over the processes started by torchrun (torch.distributed: gloo on "
+                        "the CPU, nccl with --device cuda); rank 0 writes every file")
+    p.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="with --distributed: how long a rank waits for the others in a collective before failing "
+                        "with an error (default 600)")
+
+
+def init_distributed(args: argparse.Namespace, device: Any) -> tuple[int, int, Any]:
+    """Join the process group of a torchrun launch for ``--distributed``: ``(rank, world_size, device)``.
+
+    The backend is gloo on the CPU and nccl on CUDA, where each rank takes the GPU ``LOCAL_RANK``.
+    An already initialised default process group is used as it is. Without ``--distributed``:
+    ``(0, 1, device)``, after refusing a launch of several processes (they would all write the
+    same files).
+    """
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not args.distributed:
+        if world.isdigit() and int(world) > 1:
+            raise UsageError(f"this process is one of {world} (WORLD_SIZE={world}, e.g. torchrun) but --distributed "
+                             "was not given: every process would train on its own and write the same files; add "
+                             "--distributed")
+        return 0, 1, device
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UsageError("--distributed: this torch build has no torch.distributed")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            raise UsageError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing): "
+                             "launch with torchrun --nproc_per_node N -m l2o ... --distributed")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        import atexit
+
+        atexit.register(_leave_process_group)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - at exit, after a failed run: nothing left to report it to
+        pass
+

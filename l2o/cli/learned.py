@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, add_task_args, family_from_args, mnist_family, nonnegative_float,
-                     positive_float, positive_int, resolve_training_state)
+from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, RuleProgress, UsageError, add_device_arg, add_task_args,
+                     family_from_args, format_table, mnist_family, nonnegative_float, on_device, plot_path,
+                     positive_float, positive_int, resolve_device, resolve_training_state, write_json,
+                     add_distributed_args, init_distributed)
 
 __all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd_compare", "plot_report"]
 
@@ -18,7 +20,11 @@ def add_meta_train_parser(sub: Any) -> None:
     mt = sub.add_parser("meta-train", help="meta-train a coordinate-wise LSTM rule on a task family",
                         description="Meta-train a coordinate-wise LSTM rule (Andrychowicz et al. 2016) and save "
                                     "the best validated weights as a checkpoint.",
-                        epilog="example:\n  l2o meta-train --task quadratic --out runs/quadratic.pt",
+                        epilog="examples:\n"
+                               "  l2o meta-train --task quadratic --out runs/quadratic.pt\n"
+                               "  l2o meta-train --task quadratic --out runs/q.pt --epochs 200 --json runs/q.json --plot runs/q.png\n"
+                               "  l2o meta-train --task quadratic --out runs/q.pt --checkpoint-every 50    # resumable\n"
+                               "  l2o meta-train --task mnist --data ../shared/data --out runs/mnist.pt",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(mt)
     mt.add_argument("--out", required=True, type=Path, help="checkpoint path to write")
@@ -40,6 +46,9 @@ def add_meta_train_parser(sub: Any) -> None:
                     help="mnist: rescale each coordinate of the optimizee by exp(U[-k, k]) during meta-training "
                          "(RNNprop-style; default 0: off)")
     mt.add_argument("--zero-init-output", action="store_true", help="start from a zero output layer")
+    mt.add_argument("--adam-lr", type=positive_float, default=None,
+                    help="with --preprocess rnnprop: add a learnable Adam step (initial step size ADAM_LR) to the "
+                         "LSTM's output; with --zero-init-output the rule starts as Adam")
     mt.add_argument("--step-weights", default=None, choices=["uniform", "linear", "final"],
                     help="meta-loss weight of inner step t: uniform (the paper, default), linear (t / horizon) or final (last step only)")
     mt.add_argument("--second-order", action="store_true", help="differentiate through task gradients")
@@ -56,6 +65,12 @@ def add_meta_train_parser(sub: Any) -> None:
                     help="continue the run saved in this training-state file, bitwise identically; give the "
                          "same arguments as the run that wrote it (keeps checkpointing at its interval unless "
                          "--checkpoint-every is given)")
+    mt.add_argument("--json", type=Path, default=None,
+                    help="write a summary (provenance, best validation, meta-loss history) here")
+    mt.add_argument("--plot", type=plot_path, default=None,
+                    help="write the meta-loss-per-epoch and validation-loss plot here (PNG/PDF/SVG)")
+    add_device_arg(mt, "quadratic only (MNIST tasks stay on the CPU); --resume only on the CPU")
+    add_distributed_args(mt)
     mt.set_defaults(func=cmd_meta_train)
 
 
@@ -63,7 +78,10 @@ def add_compare_parser(sub: Any) -> None:
     cp = sub.add_parser("compare", help="compare a rule with lr-tuned SGD, NAG, RMSprop and Adam",
                         description="Tune the baselines' learning rates on tuning tasks, then evaluate the rule and "
                                     "the baselines on held-out tasks; print a table, optionally write JSON and a plot.",
-                        epilog="example:\n  l2o compare --task quadratic --rule runs/quadratic.pt --json r.json --plot r.png",
+                        epilog="examples:\n"
+                               "  l2o compare --task quadratic --rule runs/quadratic.pt --json r.json --plot r.png\n"
+                               "  l2o compare --task quadratic --rule runs/quadratic.pt --horizon 200\n"
+                               "  l2o compare --task quadratic            # the tuned baselines alone",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(cp)
     cp.add_argument("--rule", type=Path, default=None, help="checkpoint of the learned rule (omit: baselines only)")
@@ -74,7 +92,9 @@ def add_compare_parser(sub: Any) -> None:
                     help="tuning instances (default 1000 quadratics, 20 mnist networks)")
     cp.add_argument("--seed", type=int, default=10_000, help="tuning seed; held-out tasks use seed + 10000")
     cp.add_argument("--json", type=Path, default=None, help="write the results here")
-    cp.add_argument("--plot", type=Path, default=None, help="write a loss-vs-step plot here (PNG/PDF/SVG)")
+    cp.add_argument("--plot", type=plot_path, default=None, help="write a loss-vs-step plot here (PNG/PDF/SVG)")
+    cp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_arg(cp, "quadratic only (MNIST tasks stay on the CPU)")
     cp.set_defaults(func=cmd_compare)
 
 
@@ -96,24 +116,34 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     if args.step_weights is not None:
         config.step_weights = args.step_weights
     config.validate()
+    device = resolve_device(args)
+    if device.type != "cpu" and args.resume is not None:
+        raise UsageError(f"--resume continues a run on the CPU only (training states are restored there); "
+                         f"drop --device {args.device}")
     state_path, checkpoint_every = resolve_training_state(args)
+    rank, world, device = init_distributed(args, device)
+    config.tasks_per_step = args.tasks_per_step or world
     cpu = configure_cpu(args.threads)
     import torch
 
     torch.manual_seed(args.seed)
+    family = on_device(family, device)
     defaults = RULE_DEFAULTS[args.task]
     rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
                     preprocess=args.preprocess or defaults["preprocess"],
-                    output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output)
+                    output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output,
+                    adam_lr=args.adam_lr).to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:
         result = meta_train(rule, family, config, progress=not args.no_progress, checkpoint_path=state_path,
-                            checkpoint_every=checkpoint_every, resume=args.resume)
+                            checkpoint_every=checkpoint_every, resume=args.resume, distributed=args.distributed)
     except MetaTrainingError as exc:
-        if state_path is not None and state_path.is_file():
+        if state_path is not None and state_path.is_file() and "is intact" not in str(exc):
             raise MetaTrainingError(f"{exc}; the last good training state is intact in {state_path}") from None
         raise
+    if rank != 0:  # rank 0 alone writes the checkpoint and reports
+        return 0
     provenance = {
         "task": args.task,
         "task_config": family.config(),
@@ -128,6 +158,10 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         "command": "l2o " + " ".join(sys.argv[1:]),
         "cpu": cpu,
     }
+    if device.type != "cpu":
+        provenance["device"] = str(device)
+    if args.distributed:
+        provenance["world_size"] = world
     save_rule(args.out, result.rule, provenance)
     resumed = "" if result.resumed_at is None else f" (resumed at meta-step {result.resumed_at})"
     skipped = (f"skipped {result.skipped_steps} of them (non-finite meta-loss or meta-gradient; tasks resampled)"
@@ -135,9 +169,56 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     best = ("no validation" if result.best_val_loss is None
             else f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}")
     state = "" if state_path is None else f"; training state in {state_path}"
+    losses = result.history.get("epoch_loss", [])
+    print(format_table([
+        ("meta-train", args.task),
+        ("epochs", str(config.epochs)),
+        ("meta-steps", f"{result.meta_steps} ({result.skipped_steps} skipped)"),
+        ("last epoch meta-loss", "-" if not losses else f"{losses[-1]:.4g}"),
+        ("best validation loss", "-" if result.best_val_loss is None
+         else f"{result.best_val_loss:.4g} (epoch {result.best_epoch})"),
+        ("time", f"{result.seconds:.1f} s on {device}"),
+    ]))
     print(f"meta-trained {result.meta_steps} meta-steps in {result.seconds:.0f}s{resumed}, {skipped}; {best}; "
           f"wrote {args.out}{state}")
+    if args.json is not None:
+        write_json(args.json, {**provenance, "device": str(device), "out": str(args.out),
+                               "history": result.history})
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_history(result.history, args.plot, title=f"meta-train {args.task}: {result.meta_steps} meta-steps")
+        print(f"wrote {args.plot}")
     return 0
+
+
+def plot_history(history: dict[str, list[float]], path: Path, *, title: str) -> None:
+    """Meta-training curves (log scale): the mean training loss of every epoch's task and the validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    losses = history.get("epoch_loss", [])
+    if losses:
+        ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.4, label="meta-training task (mean loss)")
+        window = max(1, len(losses) // 40)
+        if window > 1:  # a running mean over `window` epochs: the per-task losses are noisy
+            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                      for i in range(len(losses))]
+            ax.plot(range(1, len(losses) + 1), smooth, lw=1.6, label=f"running mean over {window} epochs")
+    if history.get("val_loss"):
+        ax.plot(history["val_epoch"], history["val_loss"], marker="o", lw=1.8, label="validation")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch (task)")
+    ax.set_ylabel("mean loss along the unroll")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -177,8 +258,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..checkpoints import load_rule
     from ..meta import compare
+    from ..meta.evaluate import BASELINES, lr_grid
     from ..perf import configure_cpu
 
+    device = resolve_device(args)
     rule = load_rule(args.rule) if args.rule is not None else None
     defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
     if args.task == "mnist":  # tune on the validation images, report on the test images
@@ -190,9 +273,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         family = family_from_args(args)
         tuning_family = None
     configure_cpu(args.threads)
-    report = compare(rule, family, horizon=args.horizon, num_tasks=args.num_tasks or defaults["num_tasks"],
-                     num_tuning_tasks=args.num_tuning_tasks or defaults["num_tuning_tasks"],
-                     tuning_seed=args.seed, eval_seed=args.seed + 10_000, tuning_family=tuning_family)
+    family = on_device(family, device)
+    if tuning_family is not None:
+        tuning_family = on_device(tuning_family, device)
+    if rule is not None:
+        rule = rule.to(device)
+    progress = RuleProgress((["learned"] if rule is not None else []) + list(BASELINES), num_lrs=len(lr_grid()),
+                            disable=args.no_progress)
+    try:
+        report = compare(rule, family, horizon=args.horizon, num_tasks=args.num_tasks or defaults["num_tasks"],
+                         num_tuning_tasks=args.num_tuning_tasks or defaults["num_tuning_tasks"],
+                         tuning_seed=args.seed, eval_seed=args.seed + 10_000, tuning_family=tuning_family,
+                         progress=progress)
+    finally:
+        progress.close()
+    if device.type != "cpu":
+        report["device"] = str(device)
     if args.rule is not None:
         report["rule"] = str(args.rule)
     print(_table(report))

@@ -8,13 +8,14 @@ the query loss (and, for Omniglot, the accuracy) after 0, 1, ..., ``--eval-steps
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import UsageError, nonnegative_float, positive_float, positive_int, resolve_training_state
+from .common import (UsageError, add_device_arg, format_table, nonnegative_float, on_device, plot_path, positive_float,
+                     positive_int, resolve_device, resolve_training_state, write_json, add_distributed_args,
+                     init_distributed)
 
 __all__ = ["add_maml_parser", "cmd_maml", "MAML_DEFAULTS"]
 
@@ -31,6 +32,7 @@ EXAMPLES = """examples:
   l2o maml --task sine --out runs/sine.pt --json runs/sine.json --plot runs/sine.png
   l2o maml --task sine --inner-rule metasgd --out runs/sine_metasgd.pt
   l2o maml --task omniglot --ways 5 --shots 1 --data ../shared/data --first-order --meta-batch 8 --out runs/omniglot.pt
+  l2o maml --task omniglot --data ../shared/data --device cuda --out runs/omniglot.pt
 """
 
 
@@ -44,7 +46,7 @@ def add_maml_parser(sub: Any) -> None:
     p.add_argument("--task", required=True, help="sine or omniglot")
     p.add_argument("--out", required=True, type=Path, help="checkpoint path (the rule and θ0)")
     p.add_argument("--json", type=Path, default=None, help="write the evaluation and training history here")
-    p.add_argument("--plot", type=Path, default=None, help="write the held-out loss-vs-adaptation-steps plot here")
+    p.add_argument("--plot", type=plot_path, default=None, help="write the held-out loss-vs-adaptation-steps plot here")
     p.add_argument("--data", type=Path, default=None, help="omniglot: directory with the zips (default $L2O_DATA)")
     p.add_argument("--ways", type=positive_int, default=5, help="omniglot: classes per episode (default 5)")
     p.add_argument("--shots", type=positive_int, default=None, help="support points per task (sine 10, omniglot 1)")
@@ -77,20 +79,25 @@ def add_maml_parser(sub: Any) -> None:
                    help="training-state file for --checkpoint-every (default <out>.state.pt)")
     p.add_argument("--resume", type=Path, default=None, metavar="PATH",
                    help="continue the run saved in this training-state file (same arguments)")
+    add_device_arg(p, "--resume only on the CPU")
+    add_distributed_args(p, "task batches (each of --meta-batch tasks)")
     p.set_defaults(func=cmd_maml)
 
 
-def _families(args: argparse.Namespace, d: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(training family, validation family, held-out evaluation family)."""
+def _families(args: argparse.Namespace, d: dict[str, Any], device: Any = None) -> tuple[Any, Any, Any]:
+    """(training family, validation family, held-out evaluation family), their tasks on ``device``."""
     if args.task == "sine":
         from optimizees.sine import SineFamily
 
         fam = SineFamily(shots=args.shots, query_shots=args.query_shots, meta_batch_size=args.meta_batch)
+        if device is not None:
+            fam = on_device(fam, device)
         return fam, fam, fam
     from optimizees.omniglot import OmniglotFamily, load_omniglot
 
     data = load_omniglot(args.data)
-    kw = dict(ways=args.ways, shots=args.shots, query_shots=args.query_shots, channels=args.channels, data=data)
+    kw = dict(ways=args.ways, shots=args.shots, query_shots=args.query_shots, channels=args.channels, data=data,
+              device=device)
     train = OmniglotFamily(meta_batch_size=args.meta_batch, split="train", **kw)
     return train, OmniglotFamily(meta_batch_size=args.meta_batch, split="val", **kw), \
         OmniglotFamily(meta_batch_size=min(50, args.eval_tasks), split="test", **kw)
@@ -185,17 +192,23 @@ def cmd_maml(args: argparse.Namespace) -> int:
                              validate_every=args.validate_every, num_val_tasks=args.num_val_tasks, seed=args.seed,
                              second_order=not args.first_order, step_weights="final", meta_split=META)
     config.validate()
+    device = resolve_device(args)
+    if device.type != "cpu" and args.resume is not None:
+        raise UsageError(f"--resume continues a run on the CPU only (training states are restored there); "
+                         f"drop --device {args.device}")
     state_path, checkpoint_every = resolve_training_state(args)
+    rank, world, device = init_distributed(args, device)
+    config.tasks_per_step = args.tasks_per_step or world
     cpu = configure_cpu(args.threads)
     import torch
 
     torch.manual_seed(args.seed)
-    family, val_family, eval_family = _families(args, d)
+    family, val_family, eval_family = _families(args, d, device)
     model = family.model()
     if hasattr(model, "reset_parameters"):
         model.reset_parameters(torch.Generator().manual_seed(args.seed))
     init = MAMLInit(model)
-    rule = _rule(args, model)
+    rule = _rule(args, model).to(device)
     algorithm = {"sgd": "MAML", "metasgd": "Meta-SGD", "lstm": "MAML + learned LSTM optimizer"}[args.inner_rule]
     if args.first_order and args.inner_rule == "sgd":
         algorithm = "first-order MAML"
@@ -205,11 +218,13 @@ def cmd_maml(args: argparse.Namespace) -> int:
     try:
         result = meta_train(rule, family, config, progress=not args.no_progress, checkpoint_path=state_path,
                             checkpoint_every=checkpoint_every, resume=args.resume, init=init,
-                            val_family=val_family)
+                            val_family=val_family, distributed=args.distributed)
     except MetaTrainingError as exc:
-        if state_path is not None and state_path.is_file():
+        if state_path is not None and state_path.is_file() and "is intact" not in str(exc):
             raise MetaTrainingError(f"{exc}; the last good training state is intact in {state_path}") from None
         raise
+    if rank != 0:  # rank 0 alone evaluates, writes the checkpoint and reports
+        return 0
     evaluation = evaluate_adaptation(rule, init, eval_family, num_tasks=args.eval_tasks, steps=args.eval_steps,
                                      seed=args.seed + 20_000)
     provenance = {
@@ -220,12 +235,22 @@ def cmd_maml(args: argparse.Namespace) -> int:
         "command": "l2o " + " ".join(sys.argv[1:]), "cpu": cpu,
         "eval": {k: evaluation[k] for k in evaluation if k != "steps"},
     }
+    if args.distributed:
+        provenance["world_size"] = world
     save_rule(args.out, rule, provenance, init=init.params())
     report = {"task": args.task, "algorithm": algorithm, "iterations": args.iterations, "inner_steps": args.inner_steps,
               "first_order": args.first_order, "seconds": round(result.seconds, 1),
               "wall_s": round(time.perf_counter() - start, 1), "best_val_loss": result.best_val_loss,
               "best_iteration": result.best_epoch, "skipped": result.skipped_steps, "eval": evaluation,
               "history": result.history, "config": config.to_dict(), "task_config": family.config()}
+    if device.type != "cpu":
+        report["device"] = str(device)
+    has_acc = "accuracy_mean" in evaluation
+    rows = [("adaptation steps", "query loss mean", "std") + (("accuracy",) if has_acc else ())]
+    for t in evaluation["steps"]:
+        row = (str(t), f"{evaluation['loss_mean'][t]:.4g}", f"{evaluation['loss_std'][t]:.3g}")
+        rows.append(row + ((f"{100 * evaluation['accuracy_mean'][t]:.1f}%",) if has_acc else ()))
+    print(format_table(rows))
     k = args.inner_steps
     line = (f"{algorithm}: {result.meta_steps} meta-iterations in {result.seconds:.0f}s (skipped {result.skipped_steps}); "
             f"held-out query loss after {k} step(s): {evaluation['loss_mean'][min(k, args.eval_steps)]:.4g} "
@@ -234,8 +259,7 @@ def cmd_maml(args: argparse.Namespace) -> int:
         line += f", accuracy after {args.eval_steps} steps {100 * evaluation['accuracy_mean'][-1]:.1f}%"
     print(line + f"; wrote {args.out}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.plot is not None:
         _plot(report, args.plot)

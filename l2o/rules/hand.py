@@ -43,14 +43,17 @@ __all__ = [
 
 
 def _check_update(rule: Rule, grads: Params, state: Any, params: Params, step: Any, state_type: type,
-                  fields: tuple[str, ...]) -> None:
+                  fields: tuple[str, ...], *, read_at_step0: bool = True) -> None:
     """Check ``update``'s arguments (see :func:`check_update_args`) and that ``state`` is a
-    ``state_type`` whose ``fields`` hold a tensor shaped like every param."""
+    ``state_type`` whose ``fields`` (not read at step 0 unless ``read_at_step0``) hold a tensor
+    shaped like every param."""
     name = type(rule).__name__
     check_update_args(grads, params, step, rule=name)
     if not isinstance(state, state_type):
         raise TypeError(f"{name}.update: state must be the {state_type.__name__} that {name}.init(params) "
                         f"returned, got {type(state).__name__}")
+    if step == 0 and not read_at_step0:
+        return
     for field in fields:
         buffers = getattr(state, field)
         for k, p in params.items():
@@ -59,6 +62,13 @@ def _check_update(rule: Rule, grads: Params, state: Any, params: Params, step: A
                 found = f"shape {tuple(b.shape)}" if isinstance(b, Tensor) else type(b).__name__
                 raise ValueError(f"{name}.update: state.{field}[{k!r}] is {found}, but params[{k!r}] has shape "
                                  f"{tuple(p.shape)}: call {name}.init(params) for these params")
+            if b.dtype != grads[k].dtype:
+                raise ValueError(f"{name}.update: state.{field}[{k!r}] is {b.dtype} but grads[{k!r}] is "
+                                 f"{grads[k].dtype}: call {name}.init(params) with params of the grads' dtype")
+
+
+#: weight decay is torch.add's ``alpha``, which must fit the params' dtype (float32 at least)
+_MAX_WEIGHT_DECAY = float(torch.finfo(torch.float32).max)
 
 
 def _with_weight_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
@@ -116,7 +126,7 @@ class SGD(Rule):
         self.momentum = check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         self.dampening = check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
         self.nesterov = check_bool("nesterov", nesterov)
-        self.weight_decay = check_hyperparameter("weight_decay", weight_decay)
+        self.weight_decay = check_hyperparameter("weight_decay", weight_decay, high=_MAX_WEIGHT_DECAY)
         if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
             raise ValueError(
                 "nesterov=True requires momentum > 0 and dampening == 0 (as torch.optim.SGD), "
@@ -140,8 +150,8 @@ class SGD(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, SGDState]:
         """Return ``(updates, new_state)``; ``loss`` is ignored."""
-        _check_update(self, grads, state, params, step, SGDState,
-                      ("momentum",) if self.momentum != 0.0 and step != 0 else ())
+        _check_update(self, grads, state, params, step, SGDState, ("momentum",) if self.momentum != 0.0 else (),
+                      read_at_step0=False)
         lr, mu, tau, wd = self.lr, self.momentum, self.dampening, self.weight_decay
         updates: Params = {}
         buffers: Params = {}
@@ -255,7 +265,7 @@ class RMSprop(Rule):
         self.lr = check_hyperparameter("lr", lr, low=0.0, low_inclusive=False)
         self.alpha = check_hyperparameter("alpha", alpha, low=0.0, high=1.0, high_inclusive=False)
         self.eps = check_hyperparameter("eps", eps)
-        self.weight_decay = check_hyperparameter("weight_decay", weight_decay)
+        self.weight_decay = check_hyperparameter("weight_decay", weight_decay, high=_MAX_WEIGHT_DECAY)
         self.momentum = check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         self.centered = check_bool("centered", centered)
         self.eps_root = check_hyperparameter("eps_root", eps_root)
@@ -371,7 +381,7 @@ class Adam(Rule):
             check_hyperparameter("betas[1]", betas[1], low=0.0, high=1.0, high_inclusive=False),
         )
         self.eps = check_hyperparameter("eps", eps)
-        self.weight_decay = check_hyperparameter("weight_decay", weight_decay)
+        self.weight_decay = check_hyperparameter("weight_decay", weight_decay, high=_MAX_WEIGHT_DECAY)
         self.eps_root = check_hyperparameter("eps_root", eps_root)
 
     def init(self, params: Params) -> AdamState:

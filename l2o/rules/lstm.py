@@ -38,7 +38,10 @@ from .base import (Rule, check_bool, check_hyperparameter, check_params, check_p
                    check_update_args)
 from .preprocess import PREPROCESSORS, num_features, preprocess, rnnprop_inputs
 
-__all__ = ["LSTMRule", "LSTMState"]
+__all__ = ["LSTMRule", "LSTMState", "MAX_PREPROCESS_P"]
+
+#: Largest accepted ``preprocess_p``: :math:`e^p` must stay finite in float32.
+MAX_PREPROCESS_P = 80.0
 
 
 class LSTMState(NamedTuple):
@@ -174,10 +177,16 @@ class LSTMRule(Rule):
         preprocess: the inputs :math:`\operatorname{pre}`: ``"none"`` (paper, quadratics),
             ``"log_sign"`` (paper, App. A) or ``"rnnprop"`` (Adam-normalised gradient and
             momentum, Lv et al. 2017; see :mod:`l2o.rules.preprocess`).
-        preprocess_p: the :math:`p` of ``log_sign`` (paper: 10).
+        preprocess_p: the :math:`p` of ``log_sign`` (paper: 10), in :math:`(0, 80]`.
         output_scale: :math:`s` multiplying the output layer (paper: 1 on quadratics, 0.1 on MNIST).
         zero_init_output: start with a zero output layer, so the untrained rule proposes no update.
         fused: use the hand-differentiated fused step (fast) or the plain-autograd reference.
+        adam_lr: with ``preprocess="rnnprop"``, add an Adam step to the LSTM's output,
+            :math:`u_t \mathrel{+}= -\eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)`, whose step
+            size :math:`\eta` (initialised to ``adam_lr``, learned as :math:`\log\eta`) is a
+            meta-param. With ``zero_init_output`` the untrained rule is Adam (with the ``rnnprop``
+            moments' β1 = β2 = 0.95), and meta-training learns its step size and corrections to it
+            (a residual learned optimizer).
 
     Weights follow ``nn.LSTM``'s initialisation, :math:`\mathcal U(-1/\sqrt H, 1/\sqrt H)`, with
     the forget-gate bias set to 1. Gate order in each ``weight_l`` is (input, forget, output, cell).
@@ -187,7 +196,7 @@ class LSTMRule(Rule):
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: str = "none",
                  preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
-                 fused: bool = True) -> None:
+                 fused: bool = True, adam_lr: float | None = None) -> None:
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_layers", num_layers)
@@ -196,10 +205,20 @@ class LSTMRule(Rule):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.preprocess = preprocess
-        self.preprocess_p = check_hyperparameter("preprocess_p", preprocess_p, low=0.0, low_inclusive=False)
+        # e^p scales the small-gradient branch of log_sign: beyond ~88 it overflows float32 (and 0 * inf = NaN)
+        self.preprocess_p = check_hyperparameter("preprocess_p", preprocess_p, low=0.0, high=MAX_PREPROCESS_P,
+                                                 low_inclusive=False)
         self.output_scale = check_hyperparameter("output_scale", output_scale, low=0.0, low_inclusive=False)
         self.zero_init_output = check_bool("zero_init_output", zero_init_output)
         self.fused = check_bool("fused", fused)
+        if adam_lr is not None:
+            if preprocess != "rnnprop":
+                raise ValueError(f"adam_lr needs preprocess='rnnprop' (the Adam direction is its first input), "
+                                 f"got preprocess={preprocess!r}")
+            adam_lr = check_hyperparameter("adam_lr", adam_lr, low=0.0, low_inclusive=False)
+            #: log of the learnable step size of the Adam residual (a meta-param)
+            self.log_adam_lr = nn.Parameter(torch.tensor(math.log(adam_lr)))
+        self.adam_lr = adam_lr
         in_features = num_features(preprocess)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -236,6 +255,7 @@ class LSTMRule(Rule):
             "output_scale": self.output_scale,
             "zero_init_output": self.zero_init_output,
             "fused": self.fused,
+            **({} if self.adam_lr is None else {"adam_lr": self.adam_lr}),  # older checkpoints have no key
         }
 
     def init(self, params: Params) -> LSTMState:
@@ -294,6 +314,8 @@ class LSTMRule(Rule):
         else:
             out = _reference_step(x, state.hidden, state.cell, layer_params, self.out_weight, self.out_bias)
         u = out[0] * self.output_scale
+        if self.adam_lr is not None:  # the Adam residual: -eta * m_hat / (sqrt(v_hat) + eps)
+            u = u - self.log_adam_lr.exp() * x[0]
         L = self.num_layers
         new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), moments)
         updates: Params = {}

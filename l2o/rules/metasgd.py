@@ -97,6 +97,10 @@ class MetaSGD(Rule):
         self.names = tuple(self.shapes)
         like = _first_tensor(shapes)
         kw = {} if like is None else {"dtype": like.dtype, "device": like.device}
+        dtype = like.dtype if like is not None else torch.get_default_dtype()
+        if self.lr > torch.finfo(dtype).max:
+            raise ValueError(f"lr must fit the learning rates' dtype {dtype} (at most {torch.finfo(dtype).max:g}), "
+                             f"got {lr!r}")
         self.alpha = nn.ParameterList(nn.Parameter(torch.full(s, self.lr, **kw)) for s in self.shapes.values())
 
     def learning_rates(self) -> Params:
