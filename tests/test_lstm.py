@@ -202,3 +202,28 @@ def test_rnnprop_finite_for_extreme_gradients(exponent):
     for t in range(3):
         updates, state = rule.update({"w": torch.full((5,), 10.0 ** exponent)}, state, params, step=t)
         assert torch.isfinite(updates["w"]).all()
+
+
+def test_adam_residual_conforms_starts_as_adam_and_learns_its_step_size():
+    check_rule(_rule(preprocess="rnnprop", hidden_size=5, adam_lr=0.01))
+    rule = _rule(preprocess="rnnprop", hidden_size=5, adam_lr=0.01, zero_init_output=True)
+    params = {"w": _random((6,), 50)}
+    state = rule.init(params)
+    m = torch.zeros(6, dtype=torch.float64)
+    v = torch.zeros(6, dtype=torch.float64)
+    b1, b2 = RNNPROP_BETAS
+    total = 0.0
+    for t in range(3):
+        g = _random((6,), 60 + t)
+        updates, state = rule.update({"w": g}, state, params, step=t)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        eta = float(rule.log_adam_lr.exp())  # 0.01 up to the float32 rounding of its log
+        assert abs(eta - 0.01) < 1e-8
+        expected = -eta * (m / (1 - b1 ** (t + 1))) / ((v / (1 - b2 ** (t + 1))).sqrt() + RNNPROP_EPS)
+        torch.testing.assert_close(updates["w"], expected, rtol=1e-10, atol=1e-14)
+        total = total + updates["w"].sum()
+    total.backward()
+    assert rule.log_adam_lr.grad is not None and rule.log_adam_lr.grad.abs() > 0
+    with pytest.raises(ValueError, match="adam_lr needs preprocess='rnnprop'"):
+        LSTMRule(adam_lr=0.01)
+    assert "adam_lr" not in LSTMRule().config()  # configs of older checkpoints stay valid
