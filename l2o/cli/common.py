@@ -338,11 +338,12 @@ def init_distributed(args: argparse.Namespace, device: Any) -> tuple[int, int, A
 
 
 def _leave_process_group() -> None:
+    """At exit: destroy the process group this command created, unless one of its collectives failed
+    (destroying a broken gloo group can abort the process; the OS closes its sockets anyway)."""
     import torch.distributed as dist
 
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - at exit, after a failed run: nothing left to report it to
-        pass
+    from ..meta.trainer import _Dist
+
+    if not _Dist.failed and dist.is_initialized():
+        dist.destroy_process_group()
 

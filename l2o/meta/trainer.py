@@ -43,6 +43,7 @@ that was never interrupted. A training state is a plain-data dict read with
           "inner": {"params", "rule_state", "step", "grads", "loss"},  # rule_state as its leaves
           "epoch_losses": [Tensor, ...]},      # the epoch's segment losses so far
       "generators": {"train": ByteTensor, "torch_global": ByteTensor},
+      "world_size": W,                  # processes of the run that wrote it (1 without torch.distributed)
       "provenance": {"l2o_version", "torch_version"},
     }
 
@@ -52,6 +53,44 @@ state recorded just before it was drawn and checked against its fingerprint. Res
 exact for every task family whose ``sample`` depends on the generator alone (all of
 ``optimizees``); a family with hidden state of its own is refused when the redrawn task differs.
 Validation tasks are redrawn from the seed, as at the start of a run.
+
+**Meta-batches** (``tasks_per_step = T > 1``). Each epoch draws ``T`` tasks and optimises them in
+lockstep through the same truncation schedule: every meta-step runs the next truncation of each
+task from its own inner state, accumulates the gradients of ``meta_loss / T`` (the mean of the
+tasks' meta-losses), clips once and takes one Adam step. One epoch is still one horizon (``T``
+tasks), so ``epochs * ceil(horizon / truncation)`` meta-steps in all. If any task's meta-loss or
+meta-gradient is non-finite, the whole meta-step is skipped and all ``T`` tasks are resampled (the
+epoch ends, as with one task). Task ``s`` of epoch ``e`` has the *global task index*
+``i = e * T + s`` and draws everything (the task, its initial params, its batches) from its own
+generator seeded by ``(seed, i)`` (:func:`task_generator`), so which tasks a meta-step sees does
+not depend on how the meta-batch is split over processes. ``T = 1`` keeps the single training
+generator of earlier versions (bitwise the same runs).
+
+**Distributed** (``distributed=True``, with :mod:`torch.distributed` initialised, e.g. by
+``torchrun`` and ``l2o meta-train --distributed``): with world size ``W`` (which must divide
+``T``), rank ``r`` runs the tasks ``s = r*T/W .. (r+1)*T/W - 1`` of every meta-batch; the
+meta-gradients (and a not-finite flag and the segment's loss sum, in the same flat float64
+buffer) are summed with one ``all_reduce`` per meta-step, and every rank then takes the same
+meta-step (or skips it, when any rank's meta-loss or the summed meta-gradient is non-finite), so
+the meta-params stay identical on all ranks. The result equals a single process with the same
+``T`` to float rounding (gloo sums the ranks' float64 buffers; with two ranks the sum is even
+bitwise that of one process). Validation tasks are split round-robin over the ranks and their
+sum is all-reduced. Rank 0 alone shows the progress bar and writes training states (the other
+ranks send it their tasks in progress and RNG states); ``callback`` runs on every rank with the
+same metrics. A collective that fails, because another rank died or did not answer within the
+process group's timeout, raises :class:`MetaTrainingError` naming the meta-step; the last
+training state is left intact.
+
+In a meta-batch run the training state's ``"current"`` is ``{"tasks": [per task s = 0..T-1:
+{"index", "generator", "task_fingerprint", "inner"}], "epoch_losses": [...]}`` (the task is redrawn
+from ``(seed, index)``, then its generator set to the stored state) and ``"generators"`` also
+holds ``"torch_global_by_rank"`` (a list, one state per rank, from distributed runs); the
+top-level ``"world_size"`` records ``W``. Resuming on another number of ranks (any ``W'`` that
+divides ``T``, including a single process) therefore continues every task exactly; only the
+global torch RNG states cannot map one to one (rank ``r`` takes the stored state of rank
+``r mod W``), which matters only to code that draws from the global RNG during training (l2o's
+trainer, rules and optimizees do not). Float sums over ranks make runs on different ``W`` agree to
+rounding, not bitwise.
 """
 
 from __future__ import annotations
@@ -62,6 +101,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -76,7 +116,7 @@ from ..tree import Params, state_fill, state_leaves
 from ..unroll import OBJECTIVES, InnerState, init_inner, truncate, unroll
 
 __all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainingError", "meta_train", "validation_loss", "TRAINER",
-           "STEP_WEIGHTS", "start_params"]
+           "STEP_WEIGHTS", "start_params", "task_generator"]
 
 #: How the meta-loss weighs the inner steps of a horizon (see :class:`MetaTrainConfig`).
 STEP_WEIGHTS = ("uniform", "linear", "final")
@@ -115,6 +155,9 @@ class MetaTrainConfig:
             trains on, the paper) or ``"meta"`` (the task's separate split, MAML's query set).
             Validation reads the same split.
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
+        tasks_per_step: the meta-batch: tasks optimised in lockstep whose meta-gradients are
+            averaged into each meta-step (default 1, the paper; see the module docstring). In a
+            distributed run the world size must divide it.
     """
 
     epochs: int = 1000
@@ -131,10 +174,11 @@ class MetaTrainConfig:
     step_weights: str = "uniform"
     meta_split: str = TRAIN
     max_consecutive_skips: int = 20
+    tasks_per_step: int = 1
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-        for name in ("epochs", "horizon", "truncation", "num_val_tasks", "max_consecutive_skips"):
+        for name in ("epochs", "horizon", "truncation", "num_val_tasks", "max_consecutive_skips", "tasks_per_step"):
             check_positive_int(name, getattr(self, name))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
@@ -200,17 +244,23 @@ def validation_loss(rule: Rule, tasks: list[Task], horizon: int, seed: int, *, i
     """
     total = 0.0
     for k, task in enumerate(tasks):
-        gen = torch.Generator().manual_seed(seed + k)
-        inner = init_inner(rule, task, gen, params=start_params(init, task, gen))
-        result = unroll(rule, task, inner, steps=horizon, generator=gen, weights=[0.0] * horizon)
-        if final_split is None:
-            value = float(result.losses.mean())
-        else:
-            value = float(task.loss(result.inner.params, task.sample_batch(final_split, gen)).mean())
+        value = _validation_value(rule, task, horizon, seed + k, init=init, final_split=final_split)
         if not math.isfinite(value):
             return math.inf
         total += value
     return total / len(tasks)
+
+
+@torch.no_grad()
+def _validation_value(rule: Rule, task: Task, horizon: int, seed: int, *, init: torch.nn.Module | None,
+                      final_split: str | None) -> float:
+    """One validation task's value (see :func:`validation_loss`), its batches drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    inner = init_inner(rule, task, gen, params=start_params(init, task, gen))
+    result = unroll(rule, task, inner, steps=horizon, generator=gen, weights=[0.0] * horizon)
+    if final_split is None:
+        return float(result.losses.mean())
+    return float(task.loss(result.inner.params, task.sample_batch(final_split, gen)).mean())
 
 
 def start_params(init: torch.nn.Module | None, task: Task, generator: torch.Generator) -> Params | None:
@@ -259,19 +309,102 @@ class _Loop:
     best_val: float | None = None
     best_epoch: int | None = None
     best_state: dict[str, dict[str, Tensor]] | None = None
-    # the task in progress (all None between epochs)
-    task: Task | None = None
-    task_gen_state: Tensor | None = None
-    task_fingerprint: str | None = None
-    inner: InnerState | None = None
+    # this process's tasks in progress (None between epochs): one, or its share of the meta-batch
+    slots: list[_Slot] | None = None
     epoch_losses: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Slot:
+    """One task in progress and where its inner optimisation stands."""
+
+    task: Task
+    generator: torch.Generator  # draws its batches (the shared training generator when tasks_per_step == 1)
+    inner: InnerState
+    index: int | None = None  # its global task index in a meta-batch run (None: the single-task stream)
+    gen_state: Tensor | None = None  # single-task stream: the generator's state just before the task was drawn
+    fingerprint: str | None = None  # computed when first needed (a training state)
+
+
+def task_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of global task ``index`` in a meta-batch run (``tasks_per_step > 1``): seeded by
+    a hash of ``(seed, index)``, so any process can draw any task of the run by its index alone."""
+    digest = hashlib.sha256(f"l2o.meta_train.task:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class _Dist:
+    """This process's place in a distributed run (``active`` False: a single process)."""
+
+    #: Set once a collective of this process has failed: its process group is broken, and
+    #: destroying it can abort the process (the l2o commands then leave it to the OS at exit).
+    failed = False
+
+    def __init__(self, requested: bool | None) -> None:
+        import torch.distributed as dist
+
+        initialised = dist.is_available() and dist.is_initialized()
+        if requested not in (None, True, False):
+            raise TypeError(f"distributed must be True, False or None, got {requested!r}")
+        if requested and not initialised:
+            raise ValueError("distributed=True needs torch.distributed to be initialised first: launch with torchrun "
+                             "and call torch.distributed.init_process_group() (the l2o commands do it with "
+                             "--distributed)")
+        self.active = bool(initialised if requested is None else requested)
+        if not self.active and initialised and dist.get_world_size() > 1:
+            warnings.warn(f"torch.distributed is initialised with {dist.get_world_size()} ranks but meta_train runs "
+                          "with distributed=False: every rank trains on its own (pass distributed=True to share the "
+                          "meta-batch)", RuntimeWarning, stacklevel=3)
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self.backend = str(dist.get_backend()) if self.active else None
+        self.step = 0  # the meta-step in progress, for error messages
+        self.state_path: str | None = None
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a collective; turn its failure (a dead or hung rank) into a MetaTrainingError."""
+        try:
+            return fn()
+        except Exception as exc:  # gloo/nccl errors: DistBackendError, RuntimeError, ConnectionError
+            _Dist.failed = True
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            if self.state_path is None:
+                kept = "no training state was being written"
+            elif os.path.isfile(self.state_path):
+                kept = f"the last training state in {self.state_path} is intact; resume from it with the same arguments"
+            else:
+                kept = f"no training state had been written to {self.state_path} (on this host) yet"
+            raise MetaTrainingError(
+                f"distributed meta-training failed on rank {self.rank} of {self.world} at meta-step {self.step}: "
+                f"{what} with the other ranks did not complete ({type(exc).__name__}: {first}). Another rank has "
+                f"probably died or stopped answering within the process group's timeout; {kept}") from exc
+
+    def device(self) -> torch.device:
+        """Where collective buffers live: the CUDA device for nccl, else the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def all_reduce(self, buffer: Tensor, what: str) -> Tensor:
+        import torch.distributed as dist
+
+        self._call(what, lambda: dist.all_reduce(buffer))
+        return buffer
+
+    def gather(self, obj: Any, what: str) -> list[Any] | None:
+        """``obj`` of every rank, in rank order, on rank 0 (``None`` elsewhere)."""
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        self._call(what, lambda: dist.gather_object(obj, out, dst=0))
+        return out
 
 
 def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = None, *,
                progress: bool = True, callback: Callable[[dict[str, float]], None] | None = None,
                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
                resume: str | os.PathLike | None = None, init: torch.nn.Module | None = None,
-               val_family: TaskFamily | None = None) -> MetaTrainResult:
+               val_family: TaskFamily | None = None, distributed: bool | None = False) -> MetaTrainResult:
     """Meta-train ``rule`` (and ``init``) in place on tasks from ``family``; return the best validated ones.
 
     Args:
@@ -293,12 +426,19 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
             rule's weights (the rule may have none, e.g. :class:`~l2o.rules.SGD`).
         val_family: draws the validation tasks (default ``family``), e.g. Omniglot's validation
             characters.
+        distributed: share each meta-batch (``config.tasks_per_step`` tasks) over the ranks of the
+            initialised default :mod:`torch.distributed` process group, all-reducing the
+            meta-gradients (see the module docstring); every rank must call ``meta_train`` with
+            the same arguments. ``None``: whenever a process group is initialised. Rank 0 alone
+            writes ``checkpoint_path`` and shows progress; ``resume`` is read by every rank (give a
+            path every host can read).
 
     Raises:
         TypeError / ValueError: bad arguments or config (naming the argument or field).
         CheckpointError: ``resume`` is missing, unsafe, malformed, or from a different run.
-        MetaTrainingError: ``config.max_consecutive_skips`` meta-steps in a row were non-finite;
-            the last training state written (if any) is left intact.
+        MetaTrainingError: ``config.max_consecutive_skips`` meta-steps in a row were non-finite,
+            or (distributed) a collective failed because another rank died or timed out; the last
+            training state written (if any) is left intact.
     """
     config = MetaTrainConfig() if config is None else config
     if not isinstance(config, MetaTrainConfig):
@@ -334,6 +474,14 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     meta_params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     if not meta_params:
         raise ValueError(f"{type(rule).__name__} has no trainable parameters to meta-train (and no init was given)")
+    dist = _Dist(distributed)
+    tasks_per_step = config.tasks_per_step
+    if tasks_per_step % dist.world:
+        raise ValueError(f"tasks_per_step ({tasks_per_step}) must be a multiple of the number of ranks ({dist.world}): "
+                         f"each rank runs tasks_per_step / world_size tasks of every meta-batch")
+    batched = tasks_per_step > 1  # a meta-batch: every task from its own generator (else the one training stream)
+    share = tasks_per_step // dist.world
+    own = range(dist.rank * share, (dist.rank + 1) * share)  # this rank's tasks within each meta-batch
     segments = math.ceil(config.horizon / config.truncation)
     total_steps = config.epochs * segments
     optimizer = torch.optim.Adam(meta_params, lr=config.meta_lr)
@@ -342,24 +490,54 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     if val_family is not None and not callable(getattr(val_family, "sample", None)):
         raise TypeError(f"val_family must be a task family (with a sample(generator) method), got {type(val_family).__name__}")
     val_source = family if val_family is None else val_family
-    val_tasks = [val_source.sample(val_gen) for _ in range(config.num_val_tasks)] if config.validate_every else []
+    # every rank draws all validation tasks (the same stream) and keeps its round-robin share
+    val_tasks = [(k, t) for k, t in ((k, val_source.sample(val_gen)) for k in range(config.num_val_tasks))
+                 if k % dist.world == dist.rank] if config.validate_every else []
     setup = _setup(config, rule, family, init)
     loop = _Loop()
     resumed_at = None
     if resume is not None:
         data, source = load_training_state(resume, trainer=TRAINER), repr(str(resume))
         _restore(data, source, loop, setup=setup, modules=modules, optimizer=optimizer, rule=rule, family=family,
-                 gen=gen, config=config, segments=segments, keep_task_gen_state=checkpoint_path is not None)
+                 gen=gen, config=config, segments=segments, keep_task_gen_state=checkpoint_path is not None,
+                 dist=dist, own=own)
         resumed_at = loop.meta_step
     saving = checkpoint_path is not None
+    if saving:
+        dist.state_path = str(checkpoint_path)
     start = time.perf_counter()
 
     def save() -> None:
         elapsed = loop.seconds + (time.perf_counter() - start)
-        save_training_state(checkpoint_path, _training_state(loop, setup, modules, optimizer, gen, checkpoint_every, elapsed))
+        state = _training_state(loop, setup, modules, optimizer, gen, checkpoint_every, elapsed, dist)
+        if dist.active:  # rank 0 writes every rank's tasks in progress and RNG state
+            mine = {"tasks": state["current"]["tasks"] if batched and state["current"] is not None else None,
+                    "torch_global": state["generators"]["torch_global"]}
+            everyone = dist.gather(_to_cpu(mine), "gathering the training state")
+            if dist.rank != 0:
+                return
+            state["generators"]["torch_global_by_rank"] = [r["torch_global"] for r in everyone]
+            if batched and state["current"] is not None:
+                state["current"]["tasks"] = [t for r in everyone for t in r["tasks"]]
+        save_training_state(checkpoint_path, state)
+
+    def draw(epoch: int) -> list[_Slot]:
+        """This rank's tasks of ``epoch``."""
+        if not batched:
+            gen_state = gen.get_state() if saving else None
+            task = family.sample(gen)
+            return [_Slot(task, gen, init_inner(rule, task, gen, params=start_params(init, task, gen)),
+                          gen_state=gen_state)]
+        slots = []
+        for s in own:
+            index = epoch * tasks_per_step + s
+            g = task_generator(config.seed, index)
+            task = family.sample(g)
+            slots.append(_Slot(task, g, init_inner(rule, task, g, params=start_params(init, task, g)), index=index))
+        return slots
 
     bar = None
-    if progress:
+    if progress and dist.rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.epochs, initial=loop.epoch, desc=f"meta-train {getattr(family, 'name', 'task')}",
@@ -367,14 +545,10 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     try:
         while loop.epoch < config.epochs:
             epoch = loop.epoch
-            if loop.inner is None:  # a new epoch: draw its task (a resumed run may start mid-horizon)
-                loop.task_gen_state = gen.get_state() if saving else None
-                loop.task = family.sample(gen)
-                loop.task_fingerprint = None
-                loop.inner = init_inner(rule, loop.task, gen, params=start_params(init, loop.task, gen))
+            if loop.slots is None:  # a new epoch: draw its tasks (a resumed run may start mid-horizon)
+                loop.slots = draw(epoch)
                 loop.epoch_losses = []
                 loop.segment = 0
-            task = loop.task
             save_after_epoch = False
             while loop.segment < segments:
                 done = loop.segment * config.truncation
@@ -382,15 +556,38 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, loop.meta_step / max(1, total_steps - 1))
                 weights = _step_weights(config, done, steps)
-                result = unroll(rule, task, loop.inner, steps=steps, generator=gen, weights=weights,
-                                meta_split=config.meta_split, second_order=config.second_order,
-                                objective=config.objective)
+                dist.step = loop.meta_step + 1
                 optimizer.zero_grad(set_to_none=True)
-                ok = result.finite and bool(torch.isfinite(result.meta_loss))
-                if ok:
-                    result.meta_loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(meta_params, config.max_grad_norm or math.inf)
-                    ok = bool(torch.isfinite(norm))
+                if not (batched or dist.active):  # one task, one process: the original loop
+                    slot = loop.slots[0]
+                    result = unroll(rule, slot.task, slot.inner, steps=steps, generator=slot.generator,
+                                    weights=weights, meta_split=config.meta_split, second_order=config.second_order,
+                                    objective=config.objective)
+                    ok = result.finite and bool(torch.isfinite(result.meta_loss))
+                    if ok:
+                        result.meta_loss.backward()
+                        norm = torch.nn.utils.clip_grad_norm_(meta_params, config.max_grad_norm or math.inf)
+                        ok = bool(torch.isfinite(norm))
+                    results, segment_loss = [result], result.losses.mean()
+                else:  # this rank's share of the meta-batch, then (distributed) the sum over ranks
+                    results, bad, loss_sum = [], False, 0.0
+                    for slot in loop.slots:
+                        result = unroll(rule, slot.task, slot.inner, steps=steps, generator=slot.generator,
+                                        weights=weights, meta_split=config.meta_split,
+                                        second_order=config.second_order, objective=config.objective)
+                        if not (result.finite and bool(torch.isfinite(result.meta_loss))):
+                            bad = True  # the meta-step is skipped: no need to run this rank's other tasks
+                            break
+                        (result.meta_loss / tasks_per_step).backward()
+                        loss_sum += float(result.losses.double().mean())
+                        results.append(result)
+                    if dist.active:
+                        bad, loss_sum = _all_reduce_meta_gradients(dist, meta_params, bad, loss_sum)
+                    ok = not bad
+                    if ok:
+                        norm = torch.nn.utils.clip_grad_norm_(meta_params, config.max_grad_norm or math.inf)
+                        ok = bool(torch.isfinite(norm))
+                    segment_loss = torch.tensor(loss_sum / tasks_per_step, dtype=torch.float64)
                 loop.meta_step += 1
                 due = saving and loop.meta_step % checkpoint_every == 0
                 if not ok:
@@ -403,20 +600,21 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                             f"(epoch {epoch}); lower meta_lr or the rule's output_scale, or check the task"
                         )
                     save_after_epoch = save_after_epoch or due
-                    break  # this task diverged: resample
+                    break  # a task diverged: resample
                 loop.consecutive = 0
                 optimizer.step()
-                loop.epoch_losses.append(result.losses.mean())
-                loop.inner = truncate(result.inner)
+                loop.epoch_losses.append(segment_loss)
+                for slot, result in zip(loop.slots, results):
+                    slot.inner = truncate(result.inner)
                 loop.segment += 1
                 if due:
                     if loop.segment < segments:
                         save()  # mid-horizon
                     else:
                         save_after_epoch = True  # once the epoch's bookkeeping is done
-            # The epoch is over (horizon reached, or its task diverged).
+            # The epoch is over (horizon reached, or a task diverged).
             epoch_losses = loop.epoch_losses
-            loop.task = loop.task_gen_state = loop.task_fingerprint = loop.inner = None
+            loop.slots = None
             loop.epoch_losses = []
             loop.segment = 0
             loop.epoch = epoch + 1
@@ -425,8 +623,12 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                 metrics["loss"] = float(torch.stack(epoch_losses).mean())
                 loop.history["epoch_loss"].append(metrics["loss"])
             if config.validate_every and ((epoch + 1) % config.validate_every == 0 or epoch + 1 == config.epochs):
-                val = validation_loss(rule, val_tasks, config.horizon, config.seed + 7, init=init,
-                                      final_split=config.meta_split if config.step_weights == "final" else None)
+                final_split = config.meta_split if config.step_weights == "final" else None
+                if dist.active:
+                    val = _distributed_validation(dist, rule, val_tasks, config, init=init, final_split=final_split)
+                else:
+                    val = validation_loss(rule, [t for _, t in val_tasks], config.horizon, config.seed + 7, init=init,
+                                          final_split=final_split)
                 loop.history["val_epoch"].append(float(epoch + 1))
                 loop.history["val_loss"].append(val)
                 metrics["val_loss"] = val
@@ -456,6 +658,54 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
     seconds = loop.seconds + (time.perf_counter() - start)
     return MetaTrainResult(rule, loop.best_val, loop.best_epoch, loop.skipped, loop.meta_step, seconds, loop.history,
                            resumed_at, init)
+
+
+def _all_reduce_meta_gradients(dist: _Dist, meta_params: list[torch.nn.Parameter], bad: bool,
+                               loss_sum: float) -> tuple[bool, float]:
+    """Sum the meta-gradients, the not-finite flags and the loss sums of all ranks with one
+    ``all_reduce`` of a flat float64 buffer; the summed gradients replace every rank's own."""
+    device = dist.device()
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float64)
+             for p in meta_params]
+    parts.append(torch.tensor([1.0 if bad else 0.0, loss_sum], dtype=torch.float64, device=device))
+    buffer = dist.all_reduce(torch.cat(parts), "the all-reduce of the meta-gradients")
+    offset = 0
+    for p in meta_params:
+        n = p.numel()
+        chunk = buffer[offset:offset + n].view(p.shape)
+        offset += n
+        if p.grad is not None:
+            p.grad.copy_(chunk)
+        elif bool(chunk.ne(0).any()):  # only another rank's tasks reached this meta-param
+            p.grad = chunk.to(p.device, p.dtype).clone()
+    flags = buffer[offset:].tolist()
+    return flags[0] > 0, flags[1]
+
+
+def _distributed_validation(dist: _Dist, rule: Rule, tasks: list[tuple[int, Task]], config: MetaTrainConfig, *,
+                            init: torch.nn.Module | None, final_split: str | None) -> float:
+    """:func:`validation_loss` with the tasks split over the ranks: each evaluates its share (task
+    ``k`` with batches from ``seed + 7 + k``, as in one process) and the sums are all-reduced."""
+    total = 0.0
+    for k, task in tasks:
+        value = _validation_value(rule, task, config.horizon, config.seed + 7 + k, init=init, final_split=final_split)
+        total += value if math.isfinite(value) else math.inf
+    buffer = dist.all_reduce(torch.tensor([total], dtype=torch.float64, device=dist.device()), "the validation sum")
+    value = float(buffer[0])
+    return value / config.num_val_tasks if math.isfinite(value) else math.inf
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor (in dicts, lists and tuples) copied to the CPU (for gathering)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return type(value)(*(_to_cpu(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _step_weights(config: MetaTrainConfig, done: int, steps: int) -> list[float] | None:
@@ -536,23 +786,31 @@ def _digest_tensor(digest: Any, tensor: Tensor) -> None:
     digest.update(flat.cpu().contiguous().view(torch.uint8).numpy())
 
 
+def _inner_state(inner: InnerState) -> dict[str, Any]:
+    return {"params": dict(inner.params), "rule_state": state_leaves(inner.rule_state), "step": inner.step,
+            "grads": None if inner.grads is None else dict(inner.grads), "loss": inner.loss}
+
+
 def _training_state(loop: _Loop, setup: dict[str, Any], modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer, gen: torch.Generator, checkpoint_every: int | None,
-                    seconds: float) -> dict[str, Any]:
+                    seconds: float, dist: _Dist) -> dict[str, Any]:
+    """This rank's training state (in a distributed run, ``current["tasks"]`` holds its own tasks only)."""
     from .. import __version__
 
     current = None
-    if loop.inner is not None:
-        if loop.task_fingerprint is None:
-            loop.task_fingerprint = _task_fingerprint(loop.task)
-        inner = loop.inner
-        current = {
-            "task_generator_state": loop.task_gen_state,
-            "task_fingerprint": loop.task_fingerprint,
-            "inner": {"params": dict(inner.params), "rule_state": state_leaves(inner.rule_state), "step": inner.step,
-                      "grads": None if inner.grads is None else dict(inner.grads), "loss": inner.loss},
-            "epoch_losses": list(loop.epoch_losses),
-        }
+    if loop.slots is not None:
+        for slot in loop.slots:
+            if slot.fingerprint is None:
+                slot.fingerprint = _task_fingerprint(slot.task)
+        if loop.slots[0].index is None:  # the single-task stream
+            slot = loop.slots[0]
+            current = {"task_generator_state": slot.gen_state, "task_fingerprint": slot.fingerprint,
+                       "inner": _inner_state(slot.inner), "epoch_losses": list(loop.epoch_losses)}
+        else:
+            current = {"tasks": [{"index": slot.index, "generator": slot.generator.get_state(),
+                                  "task_fingerprint": slot.fingerprint, "inner": _inner_state(slot.inner)}
+                                 for slot in loop.slots],
+                       "epoch_losses": list(loop.epoch_losses)}
     best = None
     if loop.best_state is not None:
         best = {"meta_params": loop.best_state, "val_loss": loop.best_val, "epoch": loop.best_epoch}
@@ -568,6 +826,7 @@ def _training_state(loop: _Loop, setup: dict[str, Any], modules: dict[str, torch
         "history": loop.history,
         "current": current,
         "generators": {"train": gen.get_state(), "torch_global": torch.get_rng_state()},
+        "world_size": dist.world,
         "provenance": {"l2o_version": __version__, "torch_version": str(torch.__version__)},
     }
 
@@ -611,13 +870,17 @@ def _field(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], sourc
 
 def _restore(data: dict[str, Any], source: str, loop: _Loop, *, setup: dict[str, Any],
              modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily,
-             gen: torch.Generator, config: MetaTrainConfig, segments: int, keep_task_gen_state: bool) -> None:
+             gen: torch.Generator, config: MetaTrainConfig, segments: int, keep_task_gen_state: bool, dist: _Dist,
+             own: range) -> None:
     """Load a validated training state into the loop, modules, optimizer and generators.
 
     On any failure nothing is left half-restored: the modules' weights are put back and a
     :class:`CheckpointError` names the problem.
     """
-    diffs = _differences({k: data.get(k) for k in setup}, setup)
+    stored = {k: data.get(k) for k in setup}
+    if isinstance(stored.get("config"), dict) and "tasks_per_step" not in stored["config"]:
+        stored["config"] = {**stored["config"], "tasks_per_step": 1}  # written before meta-batches existed
+    diffs = _differences(stored, setup)
     if diffs:
         raise CheckpointError(f"cannot resume from {source}: it was written by a different run; differing fields: "
                               f"{'; '.join(diffs)}. Resume with the arguments of that run, or start a new one")
@@ -625,7 +888,8 @@ def _restore(data: dict[str, Any], source: str, loop: _Loop, *, setup: dict[str,
     global_rng = torch.get_rng_state()
     try:
         _restore_unchecked(data, source, loop, modules=modules, optimizer=optimizer, rule=rule, family=family,
-                           gen=gen, config=config, segments=segments, keep_task_gen_state=keep_task_gen_state)
+                           gen=gen, config=config, segments=segments, keep_task_gen_state=keep_task_gen_state,
+                           dist=dist, own=own)
     except BaseException as exc:
         for name, state in backup.items():
             modules[name].load_state_dict(state)
@@ -638,7 +902,8 @@ def _restore(data: dict[str, Any], source: str, loop: _Loop, *, setup: dict[str,
 
 def _restore_unchecked(data: dict[str, Any], source: str, loop: _Loop, *, modules: dict[str, torch.nn.Module],
                        optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily, gen: torch.Generator,
-                       config: MetaTrainConfig, segments: int, keep_task_gen_state: bool) -> None:
+                       config: MetaTrainConfig, segments: int, keep_task_gen_state: bool, dist: _Dist,
+                       own: range) -> None:
     meta_params = _field(data, "meta_params", dict, source)
     if set(meta_params) != set(modules):
         raise CheckpointError(f"{source} holds meta-params of {sorted(meta_params)}; this run meta-trains {sorted(modules)}")
@@ -679,46 +944,83 @@ def _restore_unchecked(data: dict[str, Any], source: str, loop: _Loop, *, module
     generators = _field(data, "generators", dict, source)
     train_state = _field(generators, "train", Tensor, f"{source} generators")
     global_state = _field(generators, "torch_global", Tensor, f"{source} generators")
+    by_rank = generators.get("torch_global_by_rank")
+    if by_rank is not None:
+        if not (isinstance(by_rank, list) and by_rank and all(isinstance(t, Tensor) for t in by_rank)):
+            raise CheckpointError(f"{source} is malformed: 'torch_global_by_rank' should be a list of tensors")
+        if dist.active:  # the same rank's state; on another number of ranks, that of rank r mod W
+            global_state = by_rank[dist.rank % len(by_rank)]
     current = data.get("current")
     if current is None:
         if loop.segment != 0:
             raise CheckpointError(f"{source} is malformed: it is at segment {loop.segment} but holds no task in progress")
-    else:
+    elif config.tasks_per_step == 1:
         _field(current, "task_generator_state", Tensor, f"{source} current")
         gen.set_state(current["task_generator_state"])
         task = family.sample(gen)
         fingerprint = _field(current, "task_fingerprint", str, f"{source} current")
-        if _task_fingerprint(task) != fingerprint:
-            raise CheckpointError(
-                f"cannot resume from {source}: the task family drew a different task from the recorded generator "
-                f"state than the run did, so the run cannot continue exactly (resuming needs a family whose "
-                f"sample() depends on the generator alone)")
-        inner = _field(current, "inner", dict, f"{source} current")
-        template = task.init(torch.Generator().manual_seed(0))
-        params = _tensors_like(inner.get("params"), template, f"{source}: params in progress")
-        leaves = _field(inner, "rule_state", list, f"{source} current inner")
-        expected = state_leaves(rule.init(params))
-        if len(leaves) != len(expected):
-            raise CheckpointError(f"{source}: the rule state in progress has {len(leaves)} leaves, the rule's has "
-                                  f"{len(expected)}")
-        for i, (got, want) in enumerate(zip(leaves, expected)):
-            if isinstance(want, Tensor) and not (isinstance(got, Tensor) and got.shape == want.shape
-                                                 and got.dtype == want.dtype):
-                raise CheckpointError(f"{source}: leaf {i} of the rule state in progress does not match the rule's state")
-        rule_state = state_fill(rule.init(params), iter(leaves))
-        step = _field(inner, "step", int, f"{source} current inner")
-        grads = inner.get("grads")
-        if grads is not None:
-            grads = _tensors_like(grads, template, f"{source}: grads in progress")
-        loss = inner.get("loss")
-        if loss is not None and not isinstance(loss, Tensor):
-            raise CheckpointError(f"{source} is malformed: the loss in progress is a {type(loss).__name__}")
+        _check_fingerprint(task, fingerprint, source)
+        inner = _restore_inner(_field(current, "inner", dict, f"{source} current"), task, rule, source)
+        gen_state = current["task_generator_state"] if keep_task_gen_state else None
+        loop.slots = [_Slot(task, gen, inner, gen_state=gen_state, fingerprint=fingerprint)]
+    else:
+        tasks = _field(current, "tasks", list, f"{source} current")
+        if len(tasks) != config.tasks_per_step:
+            raise CheckpointError(f"{source} is malformed: it holds {len(tasks)} tasks in progress, the meta-batch "
+                                  f"has {config.tasks_per_step}")
+        loop.slots = []
+        for s in own:
+            entry = tasks[s]
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{source} is malformed: task {s} in progress is a {type(entry).__name__}")
+            where = f"{source} current task {s}"
+            index = _field(entry, "index", int, where)
+            if index != loop.epoch * config.tasks_per_step + s:
+                raise CheckpointError(f"{where} is malformed: its index is {index}, expected "
+                                      f"{loop.epoch * config.tasks_per_step + s} (epoch {loop.epoch})")
+            g = task_generator(config.seed, index)
+            task = family.sample(g)
+            fingerprint = _field(entry, "task_fingerprint", str, where)
+            _check_fingerprint(task, fingerprint, source)
+            inner = _restore_inner(_field(entry, "inner", dict, where), task, rule, where)
+            g.set_state(_field(entry, "generator", Tensor, where))
+            loop.slots.append(_Slot(task, g, inner, index=index, fingerprint=fingerprint))
+    if current is not None:
         epoch_losses = _field(current, "epoch_losses", list, f"{source} current")
         if len(epoch_losses) != loop.segment or not all(isinstance(v, Tensor) for v in epoch_losses):
             raise CheckpointError(f"{source} is malformed: expected {loop.segment} segment losses")
-        loop.task, loop.task_fingerprint = task, fingerprint
-        loop.task_gen_state = current["task_generator_state"] if keep_task_gen_state else None
-        loop.inner = InnerState(params, rule_state, step, grads, loss)
         loop.epoch_losses = list(epoch_losses)
     gen.set_state(train_state)
     torch.set_rng_state(global_state)
+
+
+def _check_fingerprint(task: Task, fingerprint: str, source: str) -> None:
+    if _task_fingerprint(task) != fingerprint:
+        raise CheckpointError(
+            f"cannot resume from {source}: the task family drew a different task from the recorded generator "
+            f"state than the run did, so the run cannot continue exactly (resuming needs a family whose "
+            f"sample() depends on the generator alone)")
+
+
+def _restore_inner(inner: dict[str, Any], task: Task, rule: Rule, source: str) -> InnerState:
+    """The :class:`InnerState` of a task in progress, checked against the task's and the rule's shapes."""
+    template = task.init(torch.Generator().manual_seed(0))
+    params = _tensors_like(inner.get("params"), template, f"{source}: params in progress")
+    leaves = _field(inner, "rule_state", list, f"{source} current inner")
+    expected = state_leaves(rule.init(params))
+    if len(leaves) != len(expected):
+        raise CheckpointError(f"{source}: the rule state in progress has {len(leaves)} leaves, the rule's has "
+                              f"{len(expected)}")
+    for i, (got, want) in enumerate(zip(leaves, expected)):
+        if isinstance(want, Tensor) and not (isinstance(got, Tensor) and got.shape == want.shape
+                                             and got.dtype == want.dtype):
+            raise CheckpointError(f"{source}: leaf {i} of the rule state in progress does not match the rule's state")
+    rule_state = state_fill(rule.init(params), iter(leaves))
+    step = _field(inner, "step", int, f"{source} current inner")
+    grads = inner.get("grads")
+    if grads is not None:
+        grads = _tensors_like(grads, template, f"{source}: grads in progress")
+    loss = inner.get("loss")
+    if loss is not None and not isinstance(loss, Tensor):
+        raise CheckpointError(f"{source} is malformed: the loss in progress is a {type(loss).__name__}")
+    return InnerState(params, rule_state, step, grads, loss)
