@@ -242,6 +242,32 @@ def format_table(rows: list[tuple[str, ...]] | list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (creating its directory) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[Any, Path | None, int | None, int, int, Any]:
+    """What ``meta-train`` and ``maml`` set up before training: the device (``--resume`` is
+    CPU-only), the training-state file and interval, the distributed rank and world size, and the
+    CPU settings. Returns ``(device, state_path, checkpoint_every, rank, world, cpu)``."""
+    from ..perf import configure_cpu
+
+    device = resolve_device(args)
+    if device.type != "cpu" and args.resume is not None:
+        raise UsageError(f"--resume continues a run on the CPU only (training states are restored there); "
+                         f"drop --device {args.device}")
+    state_path, checkpoint_every = resolve_training_state(args)
+    rank, world, device = init_distributed(args, device)
+    cpu = configure_cpu(args.threads)
+    return device, state_path, checkpoint_every, rank, world, cpu
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` (creating its directory)."""
     import json

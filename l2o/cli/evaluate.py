@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, UsageError, add_device_arg, add_task_args, family_from_args, format_table,
-                     mnist_family, on_device, plot_path, positive_int, resolve_device, write_json)
+from .common import (COMPARE_DEFAULTS, UsageError, add_device_arg, add_task_args, family_from_args,
+                     format_table, mnist_family, on_device, plot_path, positive_int, resolve_device,
+                     save_figure, write_json)
 
 __all__ = ["add_evaluate_parser", "add_list_pretrained_parser", "cmd_evaluate", "cmd_list_pretrained",
            "evaluate_rule", "plot_evaluation"]
@@ -158,10 +159,7 @@ def plot_evaluation(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['task']}: {report['rule']}")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, RuleProgress, UsageError, add_device_arg, add_task_args,
-                     family_from_args, format_table, mnist_family, nonnegative_float, on_device, plot_path,
-                     positive_float, positive_int, resolve_device, resolve_training_state, write_json,
-                     add_distributed_args, init_distributed)
+from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, RuleProgress, add_device_arg, add_distributed_args,
+                     add_task_args, family_from_args, format_table, mnist_family, nonnegative_float,
+                     on_device, plot_path, positive_float, positive_int, prepare_run, resolve_device,
+                     save_figure, write_json)
 
 __all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd_compare", "plot_report"]
 
@@ -101,7 +101,6 @@ def add_compare_parser(sub: Any) -> None:
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from ..checkpoints import save_rule
     from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
-    from ..perf import configure_cpu
     from ..rules import LSTMRule
 
     family = family_from_args(args)
@@ -116,14 +115,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     if args.step_weights is not None:
         config.step_weights = args.step_weights
     config.validate()
-    device = resolve_device(args)
-    if device.type != "cpu" and args.resume is not None:
-        raise UsageError(f"--resume continues a run on the CPU only (training states are restored there); "
-                         f"drop --device {args.device}")
-    state_path, checkpoint_every = resolve_training_state(args)
-    rank, world, device = init_distributed(args, device)
+    device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
     config.tasks_per_step = args.tasks_per_step or world
-    cpu = configure_cpu(args.threads)
     import torch
 
     torch.manual_seed(args.seed)
@@ -215,10 +208,7 @@ def plot_history(history: dict[str, list[float]], path: Path, *, title: str) -> 
     ax.set_title(title)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -249,10 +239,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['task']}: learned rule vs lr-tuned baselines")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (UsageError, add_device_arg, format_table, nonnegative_float, on_device, plot_path, positive_float,
-                     positive_int, resolve_device, resolve_training_state, write_json, add_distributed_args,
-                     init_distributed)
+from .common import (UsageError, add_device_arg, add_distributed_args, format_table, nonnegative_float,
+                     on_device, plot_path, positive_float, positive_int, prepare_run, save_figure, write_json)
 
 __all__ = ["add_maml_parser", "cmd_maml", "MAML_DEFAULTS"]
 
@@ -167,17 +166,13 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['task']}: {report['algorithm']}, {report['iterations']} meta-iterations")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cmd_maml(args: argparse.Namespace) -> int:
     from ..checkpoints import save_rule
     from ..maml import MAMLInit
     from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
-    from ..perf import configure_cpu
     from ..tasks import META
 
     if args.task not in MAML_DEFAULTS:
@@ -192,14 +187,8 @@ def cmd_maml(args: argparse.Namespace) -> int:
                              validate_every=args.validate_every, num_val_tasks=args.num_val_tasks, seed=args.seed,
                              second_order=not args.first_order, step_weights="final", meta_split=META)
     config.validate()
-    device = resolve_device(args)
-    if device.type != "cpu" and args.resume is not None:
-        raise UsageError(f"--resume continues a run on the CPU only (training states are restored there); "
-                         f"drop --device {args.device}")
-    state_path, checkpoint_every = resolve_training_state(args)
-    rank, world, device = init_distributed(args, device)
+    device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
     config.tasks_per_step = args.tasks_per_step or world
-    cpu = configure_cpu(args.threads)
     import torch
 
     torch.manual_seed(args.seed)
