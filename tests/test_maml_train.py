@@ -168,3 +168,16 @@ def test_cli_maml_omniglot_smoke(shared_data_dir, tmp_path):
     ev = json.loads(js.read_text())["eval"]
     assert ev["num_tasks"] == 4 and len(ev["accuracy_mean"]) == 4
     assert all(0.0 <= a <= 1.0 for a in ev["accuracy_mean"])
+
+
+def test_zero_last_layer_zeroes_only_the_output_head():
+    from l2o.cli.maml import zero_last_linear
+
+    model = SineFamily(hidden=(8, 8)).model()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    zero_last_linear(model)
+    for k, v in model.named_parameters():
+        if k.startswith("net.4."):  # the last Linear of 1-8-8-1
+            assert not v.any()
+        else:
+            assert torch.equal(v, before[k])

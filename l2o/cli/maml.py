@@ -59,6 +59,9 @@ def add_maml_parser(sub: Any) -> None:
     p.add_argument("--inner-rule", default="sgd", choices=INNER_RULES,
                    help="sgd (MAML, default), metasgd (learned per-coordinate rates) or lstm (learned optimizer)")
     p.add_argument("--hidden-size", type=positive_int, default=10, help="lstm: units per layer (default 10)")
+    p.add_argument("--zero-last-layer", action="store_true",
+                   help="start θ0 with the model's last linear layer at zero (the output head): the first "
+                        "adaptation step then fits the head from the support set's features")
     p.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
     p.add_argument("--meta-lr", type=positive_float, default=1e-3, help="Adam meta learning rate (default 1e-3)")
     p.add_argument("--max-grad-norm", type=nonnegative_float, default=10.0,
@@ -152,6 +155,20 @@ def evaluate_adaptation(rule: Any, init: Any, family: Any, *, num_tasks: int, st
     return out
 
 
+def zero_last_linear(model: Any) -> None:
+    """Zero the weight and bias of the last ``nn.Linear`` in ``model`` (its output head)."""
+    import torch
+    from torch import nn
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UsageError(f"--zero-last-layer: {type(model).__name__} has no nn.Linear layer")
+    with torch.no_grad():
+        linears[-1].weight.zero_()
+        if linears[-1].bias is not None:
+            linears[-1].bias.zero_()
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -196,6 +213,8 @@ def cmd_maml(args: argparse.Namespace) -> int:
     model = family.model()
     if hasattr(model, "reset_parameters"):
         model.reset_parameters(torch.Generator().manual_seed(args.seed))
+    if args.zero_last_layer:
+        zero_last_linear(model)
     init = MAMLInit(model)
     rule = _rule(args, model).to(device)
     algorithm = {"sgd": "MAML", "metasgd": "Meta-SGD", "lstm": "MAML + learned LSTM optimizer"}[args.inner_rule]
