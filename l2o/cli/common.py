@@ -242,6 +242,17 @@ def format_table(rows: list[tuple[str, ...]] | list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def compact_history(history: dict[str, list[float]], max_points: int = 2000) -> dict[str, Any]:
+    """``history`` with a long per-iteration ``epoch_loss`` replaced by block means (at most
+    ``max_points`` of them, ``epoch_loss_block`` iterations each), so that JSON reports stay small."""
+    losses = history.get("epoch_loss", [])
+    if len(losses) <= max_points:
+        return dict(history)
+    block = -(-len(losses) // max_points)
+    means = [sum(losses[i:i + block]) / len(losses[i:i + block]) for i in range(0, len(losses), block)]
+    return {**history, "epoch_loss": means, "epoch_loss_block": block}
+
+
 def save_figure(fig: Any, path: Path) -> None:
     """Lay out ``fig``, write it to ``path`` (creating its directory) and close it."""
     import matplotlib.pyplot as plt

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, RuleProgress, add_device_arg, add_distributed_args,
+from .common import (compact_history, COMPARE_DEFAULTS, RULE_DEFAULTS, RuleProgress, add_device_arg, add_distributed_args,
                      add_task_args, family_from_args, format_table, mnist_family, nonnegative_float,
                      on_device, plot_path, positive_float, positive_int, prepare_run, resolve_device,
                      save_figure, write_json)
@@ -176,7 +176,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
           f"wrote {args.out}{state}")
     if args.json is not None:
         write_json(args.json, {**provenance, "device": str(device), "out": str(args.out),
-                               "history": result.history})
+                               "history": compact_history(result.history)})
         print(f"wrote {args.json}")
     if args.plot is not None:
         plot_history(result.history, args.plot, title=f"meta-train {args.task}: {result.meta_steps} meta-steps")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (UsageError, add_device_arg, add_distributed_args, format_table, nonnegative_float,
+from .common import (compact_history, UsageError, add_device_arg, add_distributed_args, format_table, nonnegative_float,
                      on_device, plot_path, positive_float, positive_int, prepare_run, save_figure, write_json)
 
 __all__ = ["add_maml_parser", "cmd_maml", "MAML_DEFAULTS"]
@@ -250,7 +250,7 @@ def cmd_maml(args: argparse.Namespace) -> int:
               "first_order": args.first_order, "seconds": round(result.seconds, 1),
               "wall_s": round(time.perf_counter() - start, 1), "best_val_loss": result.best_val_loss,
               "best_iteration": result.best_epoch, "skipped": result.skipped_steps, "eval": evaluation,
-              "history": result.history, "config": config.to_dict(), "task_config": family.config()}
+              "history": compact_history(result.history), "config": config.to_dict(), "task_config": family.config()}
     if device.type != "cpu":
         report["device"] = str(device)
     has_acc = "accuracy_mean" in evaluation
