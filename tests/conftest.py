@@ -23,3 +23,15 @@ def shared_data_dir() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_wide_torch_settings():
+    """The CLI applies process-wide CPU settings (threads, flushing denormals to zero) when it runs
+    in-process; undo them after each test so that later tests see torch's defaults."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
