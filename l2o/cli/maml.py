@@ -170,19 +170,31 @@ def zero_last_linear(model: Any) -> None:
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
+    """Held-out query loss (log scale) and, where the task has one, accuracy vs adaptation steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ev = report["eval"]
-    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    panels = 2 if "accuracy_mean" in ev else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.0), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(ev["steps"], ev["loss_mean"], marker="o", label=f"{report['algorithm']} (θ0 learned)")
+    ax.set_yscale("log")
     ax.set_xlabel("adaptation steps on the support set")
     ax.set_ylabel(f"query loss, mean over {ev['num_tasks']} held-out tasks")
     ax.set_title(f"{report['task']}: {report['algorithm']}, {report['iterations']} meta-iterations")
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if panels == 2:
+        ax = axes[0, 1]
+        ax.errorbar(ev["steps"], [100 * a for a in ev["accuracy_mean"]], yerr=[100 * a for a in ev["accuracy_std"]],
+                    marker="o", capsize=3)
+        ax.set_xlabel("adaptation steps on the support set")
+        ax.set_ylabel(f"query accuracy (%), {ev['num_tasks']} held-out tasks (± std)")
+        ax.set_title("accuracy")
+        ax.grid(True, alpha=0.3)
     save_figure(fig, path)
 
 
