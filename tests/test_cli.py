@@ -216,3 +216,13 @@ def test_device_family_moves_tasks():
 
     with pytest.raises(UsageError, match="cannot be moved to a device"):
         on_device(NoTo(), meta)
+
+
+@pytest.mark.parametrize("argv", [["meta-train", "--task", "quadratic", "--out", "x.pt", "--bogus"],
+                                  ["maml", "--task", "sine", "--out", "x.pt", "--iterations", "0"], ["frobnicate"]])
+def test_usage_errors_are_one_line_pointing_at_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("l2o") and "error:" in err and "--help" in err

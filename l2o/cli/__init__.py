@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from .. import __version__
-from .common import UsageError
+from .common import Parser, UsageError
 from .evaluate import add_evaluate_parser, add_list_pretrained_parser, cmd_evaluate, cmd_list_pretrained
 from .learned import add_compare_parser, add_meta_train_parser, cmd_compare, cmd_meta_train, plot_report
 from .maml import add_maml_parser, cmd_maml
@@ -37,7 +37,7 @@ Every command takes --help (with examples); most take --seed, --device, --json, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2o", description="Learned optimizers and MAML on one unroll engine.",
+    parser = Parser(prog="l2o", description="Learned optimizers and MAML on one unroll engine.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"l2o {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 __all__ = ["UsageError", "RULE_DEFAULTS", "COMPARE_DEFAULTS", "positive_int", "positive_float", "nonnegative_float",
            "add_task_args", "family_from_args", "mnist_family", "resolve_training_state", "device_name", "plot_path",
@@ -18,6 +18,14 @@ __all__ = ["UsageError", "RULE_DEFAULTS", "COMPARE_DEFAULTS", "positive_int", "p
 
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``l2o CMD: error: ...``, exit 2),
+    pointing at ``--help`` instead of printing the whole usage."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def mnist_family(args: argparse.Namespace, eval_split: str = "val") -> Any:
