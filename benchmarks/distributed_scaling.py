@@ -117,6 +117,7 @@ def worker(args: argparse.Namespace) -> None:
                "all_reduce_ms": reduce_ms, "meta_params": sum(p.numel() for p in meta_params), "cpu": cpu}
         Path(args.result).write_text(json.dumps(out, indent=1))
     if distributed:
+        dist.barrier()  # leave together: a rank tearing gloo down while its peer still works can abort
         dist.destroy_process_group()
 
 
