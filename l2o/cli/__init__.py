@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Sequence
 
 from .. import __version__
-from .common import Parser, UsageError
+from .common import Parser, UsageError, say
 from .evaluate import add_evaluate_parser, add_list_pretrained_parser, cmd_evaluate, cmd_list_pretrained
 from .learned import add_compare_parser, add_meta_train_parser, cmd_compare, cmd_meta_train, plot_report
 from .maml import add_maml_parser, cmd_maml
@@ -60,18 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"l2o {args.command}: error: {exc}", file=sys.stderr)
+        say(f"l2o {args.command}: error: {exc}", err=True)
         return 2
     except MetaTrainingError as exc:
-        print(f"l2o {args.command}: failed: {exc}", file=sys.stderr)
+        say(f"l2o {args.command}: failed: {exc}", err=True)
         return 1
     except (RuntimeError, OSError, MemoryError) as exc:  # after FileNotFoundError (exit 2) above
         if os.environ.get("L2O_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"l2o {args.command}: failed: {type(exc).__name__}: {first} (L2O_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        say(f"l2o {args.command}: failed: {type(exc).__name__}: {first} (L2O_DEBUG=1 shows the traceback)",
+            err=True)
         return 1
     except KeyboardInterrupt:
-        print(f"l2o {args.command}: interrupted", file=sys.stderr)
+        say(f"l2o {args.command}: interrupted", err=True)
         return 130

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -285,6 +286,24 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Path | None, int | None,
     rank, world, device = init_distributed(args, device)
     cpu = configure_cpu(args.threads)
     return device, state_path, checkpoint_every, rank, world, cpu
+
+
+def say(*lines: str, err: bool = False) -> None:
+    """The commands' one way to talk to the user: each line to stdout (``err``: stderr)."""
+    stream = sys.stderr if err else sys.stdout
+    for line in lines:
+        stream.write(f"{line}\n")
+    stream.flush()
+
+
+def write_outputs(args: argparse.Namespace, data: Any, plot: Callable[[Path], None] | None = None) -> None:
+    """Write ``data`` to ``--json`` and draw ``plot(path)`` to ``--plot``, where given, saying so."""
+    if getattr(args, "json", None) is not None:
+        write_json(args.json, data)
+        say(f"wrote {args.json}")
+    if plot is not None and getattr(args, "plot", None) is not None:
+        plot(args.plot)
+        say(f"wrote {args.plot}")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, UsageError, add_device_arg, add_task_args, family_from_args,
-                     format_table, mnist_family, on_device, plot_path, positive_int, resolve_device,
-                     save_figure, write_json)
+from .common import (COMPARE_DEFAULTS, add_device_arg, add_task_args, family_from_args, format_table,
+                     mnist_family, on_device, plot_path, positive_int, resolve_device, save_figure, say,
+                     UsageError, write_outputs)
 
 __all__ = ["add_evaluate_parser", "add_list_pretrained_parser", "cmd_evaluate", "cmd_list_pretrained",
            "evaluate_rule", "plot_evaluation"]
@@ -68,14 +68,12 @@ def cmd_list_pretrained(args: argparse.Namespace) -> int:
 
     entries = list_pretrained()
     if not entries:
-        print("no pretrained rules are shipped in this installation")
+        say("no pretrained rules are shipped in this installation")
     else:
         rows = [("name", "task", "description", "training command")]
         rows += [(e["name"], e["task"], e["description"], e["command"]) for e in entries]
-        print(format_table(rows))
-    if args.json is not None:
-        write_json(args.json, entries)
-        print(f"wrote {args.json}")
+        say(format_table(rows))
+    write_outputs(args, entries)
     return 0
 
 
@@ -185,22 +183,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "task_config": family.config(), **summary, "device": str(device), "threads": cpu["threads"],
               "seconds": round(seconds, 2)}
     h = args.horizon
-    print(format_table([
+    say(format_table([
         ("rule", "task", "instances", f"loss@{h} mean", "std", "diverged"),
         (source, report["task"], str(report["num_tasks"]), f"{report['final_loss_mean']:.4g}",
          f"{report['final_loss_std']:.3g}", str(report["diverged"])),
     ]))
     marks = sorted({0, h // 4, h // 2, (3 * h) // 4, h})
-    print(format_table([("step", "mean", "std", "median")] + [
+    say(format_table([("step", "mean", "std", "median")] + [
         (str(t), f"{report['curve'][t]:.4g}", f"{report['curve_std'][t]:.3g}", f"{report['curve_median'][t]:.4g}")
         for t in marks]))
     if trained_on is not None and trained_on != args.task:
-        print(f"note: the rule was meta-trained on {trained_on!r}, evaluated here on {args.task!r}")
-    print(f"evaluated in {seconds:.1f}s on {device} (held-out seed {args.seed})")
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        plot_evaluation(report, args.plot)
-        print(f"wrote {args.plot}")
+        say(f"note: the rule was meta-trained on {trained_on!r}, evaluated here on {args.task!r}")
+    say(f"evaluated in {seconds:.1f}s on {device} (held-out seed {args.seed})")
+    write_outputs(args, report, lambda path: plot_evaluation(report, path))
     return 0

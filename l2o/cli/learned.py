@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (compact_history, COMPARE_DEFAULTS, RULE_DEFAULTS, RuleProgress, add_device_arg, add_distributed_args,
-                     add_task_args, family_from_args, format_table, mnist_family, nonnegative_float,
+from .common import (COMPARE_DEFAULTS, RULE_DEFAULTS, add_device_arg, add_distributed_args, add_task_args,
+                     compact_history, family_from_args, format_table, mnist_family, nonnegative_float,
                      on_device, plot_path, positive_float, positive_int, prepare_run, resolve_device,
-                     save_figure, write_json)
+                     RuleProgress, save_figure, say, write_outputs)
 
 __all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd_compare", "plot_report"]
 
@@ -163,7 +162,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
             else f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}")
     state = "" if state_path is None else f"; training state in {state_path}"
     losses = result.history.get("epoch_loss", [])
-    print(format_table([
+    say(format_table([
         ("meta-train", args.task),
         ("epochs", str(config.epochs)),
         ("meta-steps", f"{result.meta_steps} ({result.skipped_steps} skipped)"),
@@ -172,15 +171,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
          else f"{result.best_val_loss:.4g} (epoch {result.best_epoch})"),
         ("time", f"{result.seconds:.1f} s on {device}"),
     ]))
-    print(f"meta-trained {result.meta_steps} meta-steps in {result.seconds:.0f}s{resumed}, {skipped}; {best}; "
+    say(f"meta-trained {result.meta_steps} meta-steps in {result.seconds:.0f}s{resumed}, {skipped}; {best}; "
           f"wrote {args.out}{state}")
-    if args.json is not None:
-        write_json(args.json, {**provenance, "device": str(device), "out": str(args.out),
-                               "history": compact_history(result.history)})
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        plot_history(result.history, args.plot, title=f"meta-train {args.task}: {result.meta_steps} meta-steps")
-        print(f"wrote {args.plot}")
+    write_outputs(args, {**provenance, "device": str(device), "out": str(args.out),
+                         "history": compact_history(result.history)},
+                  lambda path: plot_history(result.history, path,
+                                            title=f"meta-train {args.task}: {result.meta_steps} meta-steps"))
     return 0
 
 
@@ -278,12 +274,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report["device"] = str(device)
     if args.rule is not None:
         report["rule"] = str(args.rule)
-    print(_table(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
+    say(_table(report))
+    write_outputs(args, report, lambda path: plot_report(report, path))
     return 0

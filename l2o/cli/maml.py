@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (compact_history, UsageError, add_device_arg, add_distributed_args, format_table, nonnegative_float,
-                     on_device, plot_path, positive_float, positive_int, prepare_run, save_figure, write_json)
+from .common import (add_device_arg, add_distributed_args, compact_history, format_table, nonnegative_float,
+                     on_device, plot_path, positive_float, positive_int, prepare_run, save_figure, say,
+                     UsageError, write_outputs)
 
 __all__ = ["add_maml_parser", "cmd_maml", "MAML_DEFAULTS"]
 
@@ -270,18 +271,13 @@ def cmd_maml(args: argparse.Namespace) -> int:
     for t in evaluation["steps"]:
         row = (str(t), f"{evaluation['loss_mean'][t]:.4g}", f"{evaluation['loss_std'][t]:.3g}")
         rows.append(row + ((f"{100 * evaluation['accuracy_mean'][t]:.1f}%",) if has_acc else ()))
-    print(format_table(rows))
+    say(format_table(rows))
     k = args.inner_steps
     line = (f"{algorithm}: {result.meta_steps} meta-iterations in {result.seconds:.0f}s (skipped {result.skipped_steps}); "
             f"held-out query loss after {k} step(s): {evaluation['loss_mean'][min(k, args.eval_steps)]:.4g} "
             f"± {evaluation['loss_std'][min(k, args.eval_steps)]:.3g} ({evaluation['num_tasks']} tasks)")
     if "accuracy_mean" in evaluation:
         line += f", accuracy after {args.eval_steps} steps {100 * evaluation['accuracy_mean'][-1]:.1f}%"
-    print(line + f"; wrote {args.out}")
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        _plot(report, args.plot)
-        print(f"wrote {args.plot}")
+    say(line + f"; wrote {args.out}")
+    write_outputs(args, report, lambda path: _plot(report, path))
     return 0
