@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from l2o import LSTMRule
 from l2o.checkpoints import CheckpointError, load_checkpoint, load_init, load_training_state
@@ -30,6 +29,7 @@ from l2o.cli import main
 from l2o.maml import MAMLInit
 from l2o.meta import MetaTrainConfig, MetaTrainingError, meta_train
 from l2o.meta.trainer import task_generator
+from tests.helpers import hand_maml_query_loss
 from l2o.rules import SGD
 from l2o.tasks import META
 from optimizees.quadratic import QuadraticFamily
@@ -128,7 +128,6 @@ def test_task_generators_are_seeded_by_seed_and_global_index():
 def _hand_maml_batch(model, family, config) -> dict[str, torch.Tensor]:
     """A meta-batch of MAML written out: task s of epoch e drawn from task_generator(seed, e*T + s),
     the meta-loss the mean over the T tasks (each a mean over its episodes), one Adam step."""
-    names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
     T = config.tasks_per_step
     for epoch in range(config.epochs):
@@ -137,16 +136,7 @@ def _hand_maml_batch(model, family, config) -> dict[str, torch.Tensor]:
             gen = task_generator(config.seed, epoch * T + s)
             task = family.sample(gen)
             task.init(gen)  # the trainer draws (and discards) the task's own init too
-            per_task = 0.0
-            for b in range(task.num_tasks):
-                (xs, ys), (xq, yq) = (task.support[0][b], task.support[1][b]), (task.query[0][b], task.query[1][b])
-                params = dict(model.named_parameters())
-                for _ in range(config.horizon):
-                    loss = ((functional_call(model, params, (xs,)) - ys) ** 2).mean()
-                    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-                    params = {n: p - LR * g for n, p, g in zip(names, params.values(), grads)}
-                per_task = per_task + ((functional_call(model, params, (xq,)) - yq) ** 2).mean()
-            total = total + per_task / task.num_tasks
+            total = total + hand_maml_query_loss(model, task, config.horizon, LR)
         opt.zero_grad()
         (total / T).backward()
         opt.step()

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from l2o.checkpoints import CheckpointError, load_init, load_rule, save_rule
 from l2o.cli import main
@@ -16,6 +15,7 @@ from l2o.meta import MetaTrainConfig, meta_train
 from l2o.rules import SGD, MetaSGD
 from l2o.tasks import META
 from optimizees.sine import SineFamily
+from tests.helpers import hand_maml_query_loss
 
 LR = 0.01
 
@@ -28,24 +28,13 @@ def _config(**kw) -> MetaTrainConfig:
 
 def _hand_maml(model, family, config, first_order: bool) -> dict[str, torch.Tensor]:
     """MAML written out: per task, K SGD steps on the support set, query loss, Adam on θ0."""
-    names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
     gen = torch.Generator().manual_seed(config.seed)
     for _ in range(config.epochs):
         task = family.sample(gen)
         task.init(gen)  # the trainer draws (and discards) the task's own init too
-        total = 0.0
-        for b in range(task.num_tasks):
-            (xs, ys), (xq, yq) = (task.support[0][b], task.support[1][b]), (task.query[0][b], task.query[1][b])
-            params = dict(model.named_parameters())
-            for _ in range(config.horizon):
-                loss = ((functional_call(model, params, (xs,)) - ys) ** 2).mean()
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
-                params = {n: p - LR * (g.detach() if first_order else g)
-                          for n, p, g in zip(names, params.values(), grads)}
-            total = total + ((functional_call(model, params, (xq,)) - yq) ** 2).mean()
         opt.zero_grad()
-        (total / task.num_tasks).backward()
+        hand_maml_query_loss(model, task, config.horizon, LR, first_order).backward()
         opt.step()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
