@@ -38,6 +38,6 @@ from .pretrained import list_pretrained, load_pretrained  # noqa: E402
 
 __all__ += ["LearnedOptimizer", "list_pretrained", "load_pretrained"]
 
-from .maml import MAML, MAMLInit, SupervisedTask, adaptation_curve  # noqa: E402
+from .maml import MAML, MAMLInit, SupervisedTask, adaptation_curve, adaptation_params  # noqa: E402
 
-__all__ += ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve"]
+__all__ += ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve", "adaptation_params"]

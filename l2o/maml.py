@@ -30,7 +30,7 @@ dimension on params and data) run through ``torch.func.vmap`` over ``functional_
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,7 @@ from .tasks import META, TRAIN, Task
 from .tree import Params
 from .unroll import init_inner, unroll
 
-__all__ = ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve"]
+__all__ = ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve", "adaptation_params"]
 
 #: ``loss_fn(prediction, target) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -282,11 +282,20 @@ def adaptation_curve(rule: Rule, task: Task, params: Params, *, steps: int,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     gen = torch.Generator().manual_seed(0) if generator is None else generator
-    rows = []
     with torch.no_grad():
-        inner = init_inner(rule, task, gen, params={k: v.detach() for k, v in params.items()})
-        rows.append(task.loss(inner.params, task.sample_batch(META, gen)).reshape(-1))
-        for _ in range(steps):
-            inner = unroll(rule, task, inner, steps=1, generator=gen, weights=[0.0]).inner
-            rows.append(task.loss(inner.params, task.sample_batch(META, gen)).reshape(-1))
+        rows = [task.loss(theta, task.sample_batch(META, gen)).reshape(-1)
+                for theta in adaptation_params(rule, task, params, steps=steps, generator=gen)]
     return torch.stack(rows)
+
+
+def adaptation_params(rule: Rule, task: Task, params: Params, *, steps: int,
+                      generator: torch.Generator) -> Iterator[Params]:
+    r"""The params :math:`\theta_0, \theta_1, \dots, \theta_{steps}` of an adaptation by ``rule``
+    on the task's training split, one engine call per step, without gradients (what
+    :func:`adaptation_curve` and held-out evaluations read any metric from)."""
+    with torch.no_grad():
+        inner = init_inner(rule, task, generator, params={k: v.detach() for k, v in params.items()})
+        yield inner.params
+        for _ in range(steps):
+            inner = unroll(rule, task, inner, steps=1, generator=generator, weights=[0.0]).inner
+            yield inner.params

@@ -120,9 +120,9 @@ def evaluate_adaptation(rule: Any, init: Any, family: Any, *, num_tasks: int, st
     """Held-out query loss (and accuracy, when the task has one) after 0..steps adaptation steps."""
     import torch
 
+    from ..maml import adaptation_params
     from ..meta.trainer import start_params
     from ..tasks import META
-    from ..unroll import init_inner, unroll
 
     gen = torch.Generator().manual_seed(seed)
     losses, accs, done = [], [], 0
@@ -133,15 +133,12 @@ def evaluate_adaptation(rule: Any, init: Any, family: Any, *, num_tasks: int, st
             else:
                 tasks = [family.sample(gen)]
             for task in tasks:
-                inner = init_inner(rule, task, gen, params=start_params(init, task, gen))
                 row_l, row_a = [], []
-                for t in range(steps + 1):
-                    if t:
-                        inner = unroll(rule, task, inner, steps=1, generator=gen, weights=[0.0]).inner
+                for theta in adaptation_params(rule, task, start_params(init, task, gen), steps=steps, generator=gen):
                     query = task.sample_batch(META, gen)
-                    row_l.append(task.loss(inner.params, query).reshape(-1))
+                    row_l.append(task.loss(theta, query).reshape(-1))
                     if hasattr(task, "accuracy"):
-                        row_a.append(task.accuracy(inner.params, query).reshape(-1))
+                        row_a.append(task.accuracy(theta, query).reshape(-1))
                 losses.append(torch.stack(row_l))
                 if row_a:
                     accs.append(torch.stack(row_a))
