@@ -212,6 +212,7 @@ _WORKER = textwrap.dedent('''
     from tests.test_distributed import _config, _family, _maml_run, _rule
     from l2o.cli import main
     from l2o.meta import meta_train
+    from l2o.meta.trainer import end_distributed_process
 
     torch.set_num_threads(1)
     out, single_state = Path(sys.argv[1]), Path(sys.argv[3])
@@ -251,6 +252,7 @@ _WORKER = textwrap.dedent('''
     torch.save(report, out / f"report{rank}.pt")
     sys.stderr.close()
     dist.destroy_process_group()
+    end_distributed_process(0)  # skip interpreter finalisation (a gloo teardown race aborts it)
 ''')
 
 

@@ -14,7 +14,7 @@ import os
 from typing import Sequence
 
 from .. import __version__
-from .common import Parser, UsageError, say
+from .common import Parser, UsageError, leave_distributed, say
 from .evaluate import add_evaluate_parser, add_list_pretrained_parser, cmd_evaluate, cmd_list_pretrained
 from .learned import add_compare_parser, add_meta_train_parser, cmd_compare, cmd_meta_train, plot_report
 from .maml import add_maml_parser, cmd_maml
@@ -51,11 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``l2o`` command line; returns the exit code (0 ok, 2 bad usage or input, 1 failure).
+
+    A ``--distributed`` run under torchrun that created its process group ends the process here
+    (see :func:`l2o.cli.common.leave_distributed`).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return leave_distributed(_run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command; turn expected failures into one line on stderr and an exit code."""
     from ..checkpoints import CheckpointError
     from ..meta import MetaTrainingError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:

@@ -388,19 +388,27 @@ def init_distributed(args: argparse.Namespace, device: Any) -> tuple[int, int, A
                              "launch with torchrun --nproc_per_node N -m l2o ... --distributed")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
-        import atexit
-
-        atexit.register(_leave_process_group)
+        _OWN_PROCESS_GROUP[0] = True
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _leave_process_group() -> None:
-    """At exit: destroy the process group this command created, unless one of its collectives failed
-    (destroying a broken gloo group can abort the process; the OS closes its sockets anyway)."""
+#: Whether this process's command created the process group (and so ends the process: see
+#: :func:`leave_distributed`).
+_OWN_PROCESS_GROUP = [False]
+
+
+def leave_distributed(code: int) -> int:
+    """After a command: if it created the process group, destroy it (unless one of its collectives
+    failed: destroying a broken gloo group can abort the process, and the OS closes its sockets
+    anyway) and end the process with ``code`` through
+    :func:`l2o.meta.trainer.end_distributed_process`; otherwise return ``code``."""
+    if not _OWN_PROCESS_GROUP[0]:
+        return code
     import torch.distributed as dist
 
-    from ..meta.trainer import _Dist
+    from ..meta.trainer import _Dist, end_distributed_process
 
     if not _Dist.failed and dist.is_initialized():
         dist.destroy_process_group()
+    end_distributed_process(code)
 
