@@ -312,7 +312,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         value = value.to(device=p.device, dtype=compute)
                     values.append(value)
                 rule_state = state_fill(self._state_template, iter(values))
-                updates, new_state = rule.update({_PARAM_KEY: grad.detach()}, rule_state, {_PARAM_KEY: p.detach()},
+                updates, new_state = rule.update_({_PARAM_KEY: grad.detach()}, rule_state, {_PARAM_KEY: p.detach()},
                                                  step=state["step"], loss=rule_loss)
                 u = updates[_PARAM_KEY]
                 if u.dtype != p.dtype:

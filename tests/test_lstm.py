@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l2o.rules import LSTMRule
+from l2o.rules import lstm as lstm_module
 from l2o.rules.lstm import _FusedLSTMStep, _reference_step
 from l2o.rules.preprocess import RNNPROP_BETAS, RNNPROP_EPS, rnnprop_inputs, num_features, preprocess
 from tests.conformance import check_rule
@@ -70,6 +71,51 @@ def test_fused_matches_reference_over_steps(kw):
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [*CONFIGS[:4], CONFIGS[5], dict(preprocess="rnnprop", adam_lr=0.01)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_in_place_update_equals_update_over_steps(kw, block, monkeypatch):
+    """update_ (blocked, in place; what the drop-in optimizer calls) gives update's updates and
+    state over several steps, whatever the block size (one column, ragged last block, one block)."""
+    monkeypatch.setattr(lstm_module, "BLOCK_COLUMNS", block)
+    rule = _rule(**kw)
+    params = {"a": _random((4, 3), 3), "b": _random((5,), 4), "c": _random((0,), 5)}
+    state_ref = rule.init(params)
+    state = rule.init(params)
+    for t in range(5):
+        grads = {k: _random(v.shape, 10 + t, scale=10.0 ** (t - 2)) for k, v in params.items()}
+        with torch.no_grad():
+            expected, state_ref = rule.update(grads, state_ref, params, step=t)
+        buffers = [*state.hidden, *state.cell]
+        updates, state = rule.update_(grads, state, params, step=t)
+        assert all(a is b for a, b in zip(buffers, [*state.hidden, *state.cell]))  # overwritten, not reallocated
+        for k in params:
+            assert updates[k].shape == params[k].shape and updates[k].dtype == params[k].dtype
+            torch.testing.assert_close(updates[k], expected[k], rtol=1e-12, atol=1e-14)
+        for a, b in zip([*state.hidden, *state.cell, *state.moments],
+                        [*state_ref.hidden, *state_ref.cell, *state_ref.moments]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert float(state.cell[0].abs().max()) > 0
+
+
+def test_in_place_update_float32_and_refuses_mismatched_state():
+    """In float32 the blocked step agrees with the fused one to float rounding; a state of another
+    dtype is refused with a message (the fused path would fail inside torch.mm)."""
+    torch.manual_seed(0)
+    rule = LSTMRule()
+    params = {"w": torch.zeros(5000)}
+    grads = {"w": torch.randn(5000) * 1e-2}
+    with torch.no_grad():
+        expected, ref = rule.update(grads, rule.init(params), params, step=0)
+    updates, state = rule.update_(grads, rule.init(params), params, step=0)
+    torch.testing.assert_close(updates["w"], expected["w"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(state.cell[1], ref.cell[1], rtol=1e-5, atol=1e-7)
+    wrong = rule.init(params)
+    wrong = type(wrong)(tuple(h.double() for h in wrong.hidden), wrong.cell)
+    with pytest.raises(ValueError, match="state tensors are torch.float64"):
+        rule.update_(grads, wrong, params, step=0)
 
 
 def test_zero_init_output_proposes_no_update():

@@ -10,6 +10,11 @@ meta-params (hand-designed rules have none), with an optax-like pure pair::
 ``update`` never mutates its inputs and is differentiable end to end, so the unroll engine can
 backpropagate through any number of inner steps. ``step`` is the number of updates already applied
 (0 for the first), which is what bias corrections need.
+
+``update_`` has the same signature and result but may overwrite ``state``'s tensors instead of
+allocating new ones; callers that own the state and need no meta-gradient (the drop-in
+:class:`l2o.LearnedOptimizer`) use it. The default just calls ``update``; rules whose state is large
+(the LSTM keeps ``2 L H`` numbers per coordinate) override it with an in-place, blocked version.
 """
 
 from __future__ import annotations
@@ -52,6 +57,19 @@ class Rule(nn.Module):
     ) -> tuple[Params, Any]:  # pragma: no cover - abstract
         """Return ``(updates, new_state)`` for one inner step."""
         raise NotImplementedError
+
+    def update_(
+        self,
+        grads: Params,
+        state: Any,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, Any]:
+        """Like :meth:`update`, but ``state`` may be overwritten (do not use it afterwards; use the
+        returned state). Not differentiable with respect to the meta-params."""
+        return self.update(grads, state, params, step=step, loss=loss)
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
         """Keyword arguments that rebuild this rule."""
