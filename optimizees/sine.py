@@ -81,6 +81,20 @@ class SineMLP(nn.Module):
         """The module's parameters as a params dict (the live ``nn.Parameter`` objects, not copies)."""
         return dict(self.named_parameters())
 
+    def forward_batched(self, params: Params, x: Tensor) -> Tensor:
+        r"""``B`` networks at once: params ``(B, *shape)`` (keys as :meth:`params`), ``x (B, P, 1)``
+        → ``(B, P, 1)``. Each layer is one batched product,
+        :math:`h \leftarrow \operatorname{relu}(h W_b^\top + b_b)`, which is what
+        ``vmap(functional_call)`` computes, without its per-call overhead (2x faster MAML
+        meta-iterations on sine, ``benchmarks/maml_sine.py --speed``)."""
+        h = x
+        for i, layer in enumerate(self.net):
+            if isinstance(layer, nn.Linear):
+                h = torch.baddbmm(params[f"net.{i}.bias"].unsqueeze(1), h, params[f"net.{i}.weight"].transpose(1, 2))
+            else:
+                h = torch.relu(h)
+        return h
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         r"""Re-initialise the module's own parameters as a starting θ0 for MAML: Glorot-normal
         weights, :math:`\mathcal N(0, 2/(fan_{in} + fan_{out}))`, and zero biases.
@@ -174,6 +188,8 @@ class SineTask:
     def loss(self, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Per-task mean squared error, shape ``(B,)``; params are ``(B, *shape)``."""
         x, y = batch
+        if type(self.model) is SineMLP:  # a SineMLP is a chain of batched matrix products: no vmap needed
+            return (self.model.forward_batched(params, x) - y).square().mean((1, 2))
         return vmap(self._mse)(params, x, y)  # built per call: a stored wrapper would be a reference cycle
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SineTask":

@@ -63,6 +63,34 @@ def test_batched_loss_equals_a_per_task_loop():
         torch.testing.assert_close(losses[b], F.mse_loss(pred, task.query[1][b]), rtol=1e-14, atol=0)
 
 
+def test_batched_products_give_vmaps_second_order_meta_gradient():
+    """SineMLP's batched-product loss (the fast path) and the generic vmap(functional_call) path
+    (taken for any other module) agree on the loss, the inner gradient and the MAML meta-gradient."""
+
+    class OtherMLP(SineMLP):  # not exactly a SineMLP: SineTask falls back to vmap
+        pass
+
+    family = SineFamily(meta_batch_size=3, dtype=torch.float64)
+    task = family.sample(torch.Generator().manual_seed(6))
+    other = OtherMLP(dtype=torch.float64)
+    other.load_state_dict(task.model.state_dict())
+    slow = SineTask(other, task.support, task.query, task.amplitude, task.phase)
+    results = []
+    for t in (task, slow):
+        init = {k: v.detach().clone().requires_grad_() for k, v in task.model.named_parameters()}
+        params = {k: v.expand(3, *v.shape) for k, v in init.items()}
+        support_loss = t.loss(params, t.support)
+        grads = torch.autograd.grad(support_loss.sum(), list(params.values()), create_graph=True)
+        adapted = {k: p - 0.01 * g for (k, p), g in zip(params.items(), grads)}
+        meta = t.loss(adapted, t.query).mean()
+        results.append((support_loss, meta, torch.autograd.grad(meta, list(init.values()))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-13, atol=1e-15)
+    for a, b in zip(results[0][2], results[1][2]):
+        assert float(a.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+
+
 def test_model_architecture_and_init():
     net = SineMLP()
     assert [tuple(p.shape) for p in net.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
