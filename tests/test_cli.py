@@ -123,6 +123,23 @@ def test_meta_train_json_plot_and_summary_table(tmp_path, capsys):
     assert report["meta_steps"] == 4 and report["seed"] == 3 and report["device"] == "cpu"
     assert len(report["history"]["epoch_loss"]) == 2 and report["out"] == str(ckpt)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert report["train_config"]["second_order"] is True  # the quadratic default
+
+
+def test_meta_train_first_or_second_order(tmp_path, capsys):
+    """--first-order overrides the quadratic default (second order) and changes the trained rule;
+    giving both flags is a one-line usage error."""
+    weights = {}
+    for flag in ("--first-order", "--second-order"):
+        js = tmp_path / f"{flag}.json"
+        assert _run(capsys, "meta-train", *TINY_TRAIN, flag, "--out", str(tmp_path / f"{flag}.pt"), "--json", str(js))[0] == 0
+        assert json.loads(js.read_text())["train_config"]["second_order"] is (flag == "--second-order")
+        weights[flag] = torch.load(tmp_path / f"{flag}.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(weights["--first-order"][k], weights["--second-order"][k]) for k in weights["--first-order"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["meta-train", *TINY_TRAIN, "--first-order", "--second-order", "--out", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not allowed with argument" in err and len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_matches_compare_learned_row(tmp_path, capsys):
