@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 
 from .rules.base import Rule, check_hyperparameter, check_positive_int
 from .rules.hand import SGD
-from .tasks import META, TRAIN, Task
+from .tasks import META, Task, support_or_query
 from .tree import Params
 from .unroll import init_inner, unroll
 
@@ -102,13 +102,7 @@ class SupervisedTask:
 
     def sample_batch(self, split: str, generator: torch.Generator) -> tuple[Any, Any]:
         """The fixed support (``TRAIN``) or query (``META``) data; ``generator`` is not used."""
-        if split == TRAIN:
-            return self.support
-        if split == META:
-            if self.query is None:
-                raise ValueError("this task has no query data (split 'meta'); pass query=(x, y)")
-            return self.query
-        raise ValueError(f"split must be {TRAIN!r} or {META!r}, got {split!r}")
+        return support_or_query(split, self.support, self.query)
 
     def _one_loss(self, params: Params, x: Any, y: Any) -> Tensor:
         out = self.loss_fn(functional_call(self.model, params, (x,)), y)

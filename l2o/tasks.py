@@ -15,12 +15,24 @@ from torch import Tensor
 
 from .tree import Params
 
-__all__ = ["Task", "TaskFamily", "TRAIN", "META"]
+__all__ = ["Task", "TaskFamily", "TRAIN", "META", "support_or_query"]
 
 #: The split a rule's gradients are computed on.
 TRAIN = "train"
 #: The split a meta-loss may read instead, when the task has one (e.g. MAML's query set).
 META = "meta"
+
+
+def support_or_query(split: str, support: Any, query: Any) -> Any:
+    """A few-shot task's ``sample_batch``: its fixed support data for :data:`TRAIN` (what the inner
+    steps read) and its query data for :data:`META` (what the meta-loss reads)."""
+    if split == TRAIN:
+        return support
+    if split == META:
+        if query is None:
+            raise ValueError("this task has no query data (split 'meta'); pass query=(x, y)")
+        return query
+    raise ValueError(f"split must be {TRAIN!r} (the support data) or {META!r} (the query data), got {split!r}")
 
 
 @runtime_checkable

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from l2o.rules.base import check_positive_int
-from l2o.tasks import META, TRAIN
+from l2o.tasks import support_or_query
 from l2o.tree import Params
 
 from .data import DataError, resolve_data_dir
@@ -792,11 +792,7 @@ class OmniglotTask:
 
     def sample_batch(self, split: str, generator: torch.Generator | None = None) -> EpisodeBatch:
         """The support set for :data:`~l2o.tasks.TRAIN`, the query set for :data:`~l2o.tasks.META`."""
-        if split == TRAIN:
-            return self.support
-        if split == META:
-            return self.query
-        raise ValueError(f"split must be {TRAIN!r} (support set) or {META!r} (query set), got {split!r}")
+        return support_or_query(split, self.support, self.query)
 
     def logits(self, params: Params, inputs: Tensor) -> Tensor:
         """Per-episode logits ``(B, M, ways)``."""

@@ -39,7 +39,7 @@ from torch.func import functional_call, vmap
 from l2o.maml import adaptation_curve
 from l2o.rules.base import check_float_dtype, check_hyperparameter, check_positive_int
 from l2o.rules.hand import SGD
-from l2o.tasks import META, TRAIN
+from l2o.tasks import support_or_query
 from l2o.tree import Params
 
 __all__ = [
@@ -175,11 +175,7 @@ class SineTask:
 
     def sample_batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The fixed support (``TRAIN``) or query (``META``) points; ``generator`` is not used."""
-        if split == TRAIN:
-            return self.support
-        if split == META:
-            return self.query
-        raise ValueError(f"split must be {TRAIN!r} or {META!r}, got {split!r}")
+        return support_or_query(split, self.support, self.query)
 
     def _mse(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         pred = functional_call(self.model, params, (x,), strict=True)

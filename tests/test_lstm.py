@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from l2o.rules import LSTMRule
 from l2o.rules import lstm as lstm_module
-from l2o.rules.lstm import _FusedLSTMStep, _reference_step
+from l2o.rules.lstm import _FusedLSTMStep
 from l2o.rules.preprocess import RNNPROP_BETAS, RNNPROP_EPS, rnnprop_inputs, num_features, preprocess
 from tests.conformance import check_rule
 
