@@ -27,7 +27,7 @@ and write the recurrent state (2 L H numbers)::
 
 Usage::
 
-    python benchmarks/speed_step.py [--threads 1] [--repeats 7] [--json out.json]
+    python benchmarks/speed_step.py [--threads 1] [--repeats 15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import l2o  # noqa: E402
+from l2o import kernels  # noqa: E402
 from l2o.rules.lstm import LSTMRule  # noqa: E402
 from l2o.rules.preprocess import num_features  # noqa: E402
 
@@ -135,7 +136,7 @@ def profile_top_ops(step: Callable[[], object], top: int = 8) -> list[dict[str, 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions (median reported)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     parser.add_argument("--sizes", type=int, nargs="+", default=[784, 1024, 256, 10],
                         help="MLP layer widths (default 784 1024 256 10: 1,068,810 params)")
@@ -155,7 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     rule = LSTMRule(hidden_size=args.hidden, num_layers=args.layers)
     opt = l2o.LearnedOptimizer(model.parameters(), rule=rule)
+    kernel = kernels.is_available()  # builds the compiled LSTM-cell kernel now, outside the timing
     t_l2o, times_l2o = median_time(opt.step, args.repeats, args.warmup)
+    t_torch_path = None
+    if kernel:  # the same step on the torch path (what runs without a C compiler), for comparison
+        kernels.set_enabled(False)
+        t_torch_path, _ = median_time(opt.step, args.repeats, args.warmup)
+        kernels.set_enabled(True)
 
     adam_model = make_model(args.sizes, args.seed)
     set_random_grads(adam_model, args.seed + 1)
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "warmup": args.warmup,
         "learned_step_s": t_l2o,
         "learned_step_times_s": times_l2o,
+        "compiled_kernel": kernel,
+        "learned_step_torch_path_s": t_torch_path,
         "adam_step_s": t_adam,
         "adam_step_times_s": times_adam,
         "lstm_flops_per_step": flops,
@@ -210,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"{'':34s}{'ms':>10s}{'x floor':>10s}")
     print(f"{'LearnedOptimizer (LSTM ' + str(args.layers) + 'x' + str(args.hidden) + ')':34s}"
           f"{t_l2o * ms:10.2f}{t_l2o / floor:10.2f}")
+    if t_torch_path is not None:
+        print(f"{'  same, torch path (no C kernel)':34s}{t_torch_path * ms:10.2f}{t_torch_path / floor:10.2f}")
+    else:
+        print("  (the compiled LSTM-cell kernel is not available here: the row above is the torch path)")
     print(f"{'torch.optim.Adam':34s}{t_adam * ms:10.2f}{t_adam / floor:10.3f}")
     print(f"{'floor, compute':34s}{t_compute * ms:10.2f}"
           f"      ({flops / 1e9:.2f} GFLOP at {gflops:.1f} GFLOP/s, large mm)")

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from l2o.cache import CACHE_ENV_VAR, default_cache_dir
 from l2o.rules.base import check_positive_int
 from l2o.tasks import support_or_query
 from l2o.tree import Params
@@ -120,7 +121,6 @@ META_TRAIN_CHARACTERS = 1200
 ROTATIONS: tuple[int, ...] = (0, 90, 180, 270)
 
 #: Environment variable naming the cache directory when none is passed.
-CACHE_ENV_VAR = "L2O_CACHE"
 
 _SUBDIR = "omniglot"
 _CACHE_FORMAT = 1
@@ -267,15 +267,6 @@ class OmniglotData(NamedTuple):
 
     images: Tensor
     characters: tuple[str, ...]
-
-
-def default_cache_dir() -> Path:
-    """``$L2O_CACHE``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o`` (the decoded-zip cache)."""
-    env = os.environ.get(CACHE_ENV_VAR, "")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "l2o"
 
 
 def _hashes(path: Path) -> tuple[str, str]:

@@ -153,8 +153,9 @@ def test_lstm_state_layout_and_equivalence_with_one_call_on_all_params():
         assert set(s) == {"step", "hidden.0", "hidden.1", "cell.0", "cell.1"}
         assert s["hidden.0"].shape == (8, p.numel()) and s["hidden.0"].dtype == torch.float32
     # state of the whole-tree call is the concatenation of the per-parameter states
+    # (float32; step() may use the compiled kernel, whose sigmoid differs from torch's by ~1 ulp)
     hidden = torch.cat([opt.state[p]["hidden.1"] for p in model.parameters()], dim=1)
-    torch.testing.assert_close(hidden, state.hidden[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hidden, state.hidden[1], rtol=1e-6, atol=5e-7)
 
 
 def test_hand_rule_state_names_follow_torch():
