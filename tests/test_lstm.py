@@ -73,7 +73,8 @@ def test_fused_matches_reference_over_steps(kw):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw", [*CONFIGS[:4], CONFIGS[5], dict(preprocess="rnnprop", adam_lr=0.01)],
+@pytest.mark.parametrize("kw", [*CONFIGS[:4], CONFIGS[5], dict(preprocess="rnnprop", adam_lr=0.01),
+                                dict(preprocess="rnnprop", momentum_lr=0.5)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_in_place_update_equals_update_over_steps(kw, block, monkeypatch):
@@ -273,3 +274,36 @@ def test_adam_residual_conforms_starts_as_adam_and_learns_its_step_size():
     with pytest.raises(ValueError, match="adam_lr needs preprocess='rnnprop'"):
         LSTMRule(adam_lr=0.01)
     assert "adam_lr" not in LSTMRule().config()  # configs of older checkpoints stay valid
+
+
+def test_momentum_residual_conforms_starts_as_momentum_sgd_and_learns_its_step_size(tmp_path):
+    check_rule(_rule(preprocess="rnnprop", hidden_size=5, momentum_lr=0.5))
+    rule = _rule(preprocess="rnnprop", hidden_size=5, momentum_lr=0.5, zero_init_output=True)
+    params = {"w": _random((6,), 50)}
+    state = rule.init(params)
+    m = torch.zeros(6, dtype=torch.float64)
+    b1 = RNNPROP_BETAS[0]
+    total = 0.0
+    for t in range(3):
+        g = _random((6,), 60 + t)
+        updates, state = rule.update({"w": g}, state, params, step=t)
+        m = b1 * m + (1 - b1) * g
+        eta = float(rule.log_momentum_lr.detach().exp())
+        assert abs(eta - 0.5) < 1e-7
+        torch.testing.assert_close(updates["w"], -eta * m / (1 - b1 ** (t + 1)), rtol=1e-10, atol=1e-14)
+        total = total + updates["w"].sum()
+    total.backward()
+    assert rule.log_momentum_lr.grad is not None and rule.log_momentum_lr.grad.abs() > 0
+    with pytest.raises(ValueError, match="momentum_lr needs preprocess='rnnprop'"):
+        LSTMRule(momentum_lr=0.5)
+    with pytest.raises(ValueError, match="momentum_lr"):
+        LSTMRule(preprocess="rnnprop", momentum_lr=-1.0)
+    assert "momentum_lr" not in LSTMRule().config()
+    # a checkpoint keeps the residual and its learned step size
+    import l2o
+    with torch.no_grad():
+        rule.log_momentum_lr.add_(0.25)
+    path = l2o.save_rule(tmp_path / "mom.pt", rule)
+    loaded = l2o.load_rule(path)
+    assert loaded.config()["momentum_lr"] == 0.5
+    torch.testing.assert_close(loaded.log_momentum_lr.detach().double(), rule.log_momentum_lr.detach().double())

@@ -48,6 +48,10 @@ def add_meta_train_parser(sub: Any) -> None:
     mt.add_argument("--adam-lr", type=positive_float, default=None,
                     help="with --preprocess rnnprop: add a learnable Adam step (initial step size ADAM_LR) to the "
                          "LSTM's output; with --zero-init-output the rule starts as Adam")
+    mt.add_argument("--momentum-lr", type=positive_float, default=None,
+                    help="with --preprocess rnnprop: add a learnable momentum-SGD step (initial step size "
+                         "MOMENTUM_LR times the bias-corrected running mean of the gradient) to the LSTM's output; "
+                         "with --zero-init-output the rule starts as momentum SGD")
     mt.add_argument("--step-weights", default=None, choices=["uniform", "linear", "final"],
                     help="meta-loss weight of inner step t: uniform (the paper, default), linear (t / horizon) or final (last step only)")
     order = mt.add_mutually_exclusive_group()
@@ -129,7 +133,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
                     preprocess=args.preprocess or defaults["preprocess"],
                     output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output,
-                    adam_lr=args.adam_lr).to(device)
+                    adam_lr=args.adam_lr, momentum_lr=args.momentum_lr).to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:

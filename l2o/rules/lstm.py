@@ -44,7 +44,7 @@ from .. import kernels
 from ..tree import Params, flatten, num_elements
 from .base import (Rule, check_bool, check_hyperparameter, check_params, check_positive_int,
                    check_update_args)
-from .preprocess import PREPROCESSORS, num_features, preprocess, rnnprop_inputs
+from .preprocess import PREPROCESSORS, RNNPROP_BETAS, num_features, preprocess, rnnprop_inputs
 
 __all__ = ["LSTMRule", "LSTMState", "MAX_PREPROCESS_P", "BLOCK_COLUMNS"]
 
@@ -262,6 +262,12 @@ class LSTMRule(Rule):
             meta-param. With ``zero_init_output`` the untrained rule is Adam (with the ``rnnprop``
             moments' β1 = β2 = 0.95), and meta-training learns its step size and corrections to it
             (a residual learned optimizer).
+        momentum_lr: with ``preprocess="rnnprop"``, add a momentum step,
+            :math:`u_t \mathrel{+}= -\eta_m \hat m_t` with :math:`\hat m_t = m_t / (1 - \beta_1^t)`
+            the bias-corrected running mean of the gradient (β1 = 0.95), i.e. SGD with momentum;
+            :math:`\eta_m` (initialised to ``momentum_lr``) is learned as :math:`\log\eta_m`. With
+            ``zero_init_output`` the untrained rule is momentum SGD and meta-training learns
+            corrections to it. Not invariant to the gradient's scale, unlike the rest of the rule.
 
     Weights follow ``nn.LSTM``'s initialisation, :math:`\mathcal U(-1/\sqrt H, 1/\sqrt H)`, with
     the forget-gate bias set to 1. Gate order in each ``weight_l`` is (input, forget, output, cell).
@@ -271,7 +277,7 @@ class LSTMRule(Rule):
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: str = "none",
                  preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
-                 fused: bool = True, adam_lr: float | None = None) -> None:
+                 fused: bool = True, adam_lr: float | None = None, momentum_lr: float | None = None) -> None:
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_layers", num_layers)
@@ -294,6 +300,14 @@ class LSTMRule(Rule):
             #: log of the learnable step size of the Adam residual (a meta-param)
             self.log_adam_lr = nn.Parameter(torch.tensor(math.log(adam_lr)))
         self.adam_lr = adam_lr
+        if momentum_lr is not None:
+            if preprocess != "rnnprop":
+                raise ValueError(f"momentum_lr needs preprocess='rnnprop' (the momentum is its running mean of the "
+                                 f"gradient), got preprocess={preprocess!r}")
+            momentum_lr = check_hyperparameter("momentum_lr", momentum_lr, low=0.0, low_inclusive=False)
+            #: log of the learnable step size of the momentum residual (a meta-param)
+            self.log_momentum_lr = nn.Parameter(torch.tensor(math.log(momentum_lr)))
+        self.momentum_lr = momentum_lr
         in_features = num_features(preprocess)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -331,6 +345,7 @@ class LSTMRule(Rule):
             "zero_init_output": self.zero_init_output,
             "fused": self.fused,
             **({} if self.adam_lr is None else {"adam_lr": self.adam_lr}),  # older checkpoints have no key
+            **({} if self.momentum_lr is None else {"momentum_lr": self.momentum_lr}),
         }
 
     def init(self, params: Params) -> LSTMState:
@@ -379,11 +394,13 @@ class LSTMRule(Rule):
             return x, (m, v)
         return preprocess(flat, self.preprocess, self.preprocess_p), state.moments
 
-    def _updates(self, raw: Tensor, x: Tensor, params: Params) -> Params:
-        """Scale the LSTM output (and add the Adam residual), then cut it into ``params``' shapes."""
+    def _updates(self, raw: Tensor, x: Tensor, params: Params, moments: tuple[Tensor, ...], step: int) -> Params:
+        """Scale the LSTM output (and add the residuals), then cut it into ``params``' shapes."""
         u = raw * self.output_scale
         if self.adam_lr is not None:  # the Adam residual: -eta * m_hat / (sqrt(v_hat) + eps)
             u = u - self.log_adam_lr.exp() * x[0]
+        if self.momentum_lr is not None:  # the momentum residual: -eta_m * m_hat
+            u = u - self.log_momentum_lr.exp() * (moments[0] / (1.0 - RNNPROP_BETAS[0] ** (step + 1)))
         updates: Params = {}
         offset = 0
         for k, p in params.items():
@@ -404,7 +421,7 @@ class LSTMRule(Rule):
             out = _reference_step(x, state.hidden, state.cell, layer_params, self.out_weight, self.out_bias)
         L = self.num_layers
         new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), moments)
-        return self._updates(out[0], x, params), new_state
+        return self._updates(out[0], x, params, moments, step), new_state
 
     @torch.no_grad()
     def update_(self, grads: Params, state: LSTMState, params: Params, *, step: int,
@@ -424,4 +441,4 @@ class LSTMRule(Rule):
                                  f"{self.out_weight.dtype} on {self.out_weight.device}; convert the state (or use update)")
         raw = _blocked_step_(x, state.hidden, state.cell, list(self.weights), list(self.biases), self.out_weight,
                              self.out_bias, BLOCK_COLUMNS)
-        return self._updates(raw, x, params), LSTMState(state.hidden, state.cell, moments)
+        return self._updates(raw, x, params, moments, step), LSTMState(state.hidden, state.cell, moments)
