@@ -274,6 +274,8 @@ class LSTMRule(Rule):
     """
 
     name = "lstm"
+    adam_lr: float | None
+    momentum_lr: float | None
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: str = "none",
                  preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
@@ -292,22 +294,15 @@ class LSTMRule(Rule):
         self.output_scale = check_hyperparameter("output_scale", output_scale, low=0.0, low_inclusive=False)
         self.zero_init_output = check_bool("zero_init_output", zero_init_output)
         self.fused = check_bool("fused", fused)
-        if adam_lr is not None:
-            if preprocess != "rnnprop":
-                raise ValueError(f"adam_lr needs preprocess='rnnprop' (the Adam direction is its first input), "
-                                 f"got preprocess={preprocess!r}")
-            adam_lr = check_hyperparameter("adam_lr", adam_lr, low=0.0, low_inclusive=False)
-            #: log of the learnable step size of the Adam residual (a meta-param)
-            self.log_adam_lr = nn.Parameter(torch.tensor(math.log(adam_lr)))
-        self.adam_lr = adam_lr
-        if momentum_lr is not None:
-            if preprocess != "rnnprop":
-                raise ValueError(f"momentum_lr needs preprocess='rnnprop' (the momentum is its running mean of the "
-                                 f"gradient), got preprocess={preprocess!r}")
-            momentum_lr = check_hyperparameter("momentum_lr", momentum_lr, low=0.0, low_inclusive=False)
-            #: log of the learnable step size of the momentum residual (a meta-param)
-            self.log_momentum_lr = nn.Parameter(torch.tensor(math.log(momentum_lr)))
-        self.momentum_lr = momentum_lr
+        # residual steps on the rnnprop moments; their log step sizes are meta-params
+        for name, value, direction in (("adam_lr", adam_lr, "the Adam direction is its first input"),
+                                       ("momentum_lr", momentum_lr, "the momentum is its running mean of the gradient")):
+            if value is not None:
+                if preprocess != "rnnprop":
+                    raise ValueError(f"{name} needs preprocess='rnnprop' ({direction}), got preprocess={preprocess!r}")
+                value = check_hyperparameter(name, value, low=0.0, low_inclusive=False)
+                setattr(self, f"log_{name}", nn.Parameter(torch.tensor(math.log(value))))
+            setattr(self, name, value)
         in_features = num_features(preprocess)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
