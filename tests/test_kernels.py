@@ -30,7 +30,7 @@ def fresh_kernels(monkeypatch, tmp_path):
     """A kernels module that has loaded nothing, caching into tmp_path."""
     monkeypatch.setenv("L2O_CACHE", str(tmp_path))
     monkeypatch.delenv("L2O_KERNELS", raising=False)
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_kernel", kernels._UNLOADED)
     monkeypatch.setattr(kernels, "_warned", False)
     monkeypatch.setattr(kernels, "_enabled", None)
     return tmp_path
@@ -54,7 +54,7 @@ def test_builds_and_is_cached(fresh_kernels):
     built = list((fresh_kernels / "kernels").glob("lstm_cell-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    kernels._loaded.clear()  # a new process: reuses the build instead of compiling again
+    kernels._kernel = kernels._UNLOADED  # as in a new process: reuses the build instead of compiling again
     assert kernels.is_available()
     assert [p.stat().st_mtime_ns for p in (fresh_kernels / "kernels").glob("lstm_cell-*.so")] == [mtime]
 

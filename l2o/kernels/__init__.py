@@ -26,7 +26,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -36,7 +36,6 @@ from ..cache import default_cache_dir
 __all__ = ["lstm_cell", "is_available", "set_enabled"]
 
 _SOURCE = Path(__file__).with_name("lstm_cell.c")
-_ABI = 3
 #: Compiler flag sets tried in order; the first that builds wins. ``-fno-trapping-math`` lets the
 #: compiler vectorise the clamps (it changes no result); OpenMP reuses the runtime torch loaded.
 _FLAG_SETS = (
@@ -47,7 +46,8 @@ _FLAG_SETS = (
 
 _lock = threading.Lock()
 _enabled: bool | None = None  # None: read L2O_KERNELS on first use
-_loaded: dict[str, Callable[..., None] | None] = {}
+_UNLOADED: Any = object()
+_kernel: Any = _UNLOADED  # after the first use: the ctypes function, or None if it could not be built
 _warned = False
 
 
@@ -96,7 +96,8 @@ def _build(compiler: str, source: bytes) -> Path:
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        for directory in (default_cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"l2o-kernels-{getattr(os, 'getuid', lambda: 0)()}"):
+        fallback = Path(tempfile.gettempdir()) / f"l2o-kernels-{getattr(os, 'getuid', lambda: 0)()}"
+        for directory in (default_cache_dir() / "kernels", fallback):
             target = directory / f"lstm_cell-{key}.so"
             if target.exists():
                 return target
@@ -129,11 +130,8 @@ def _load() -> Callable[..., None] | None:
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-        lib = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes())))
-        lib.l2o_kernels_abi.restype = ctypes.c_int64
-        if lib.l2o_kernels_abi() != _ABI:
-            raise RuntimeError(f"compiled kernel has ABI {lib.l2o_kernels_abi()}, expected {_ABI}")
-        fn = lib.l2o_lstm_cell_f32
+        # the cache key hashes the source, so the library loaded always matches the argtypes below
+        fn = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes()))).l2o_lstm_cell_f32
     except (OSError, RuntimeError, AttributeError) as exc:
         if not _warned:
             _warned = True
@@ -148,16 +146,17 @@ def _load() -> Callable[..., None] | None:
 
 def is_available() -> bool:
     """Whether the LSTM kernel is enabled and built (builds it on the first call)."""
-    return _get("lstm_cell") is not None
+    return _get() is not None
 
 
-def _get(name: str) -> Callable[..., None] | None:
+def _get() -> Callable[..., None] | None:
+    global _kernel
     if not _is_enabled():
         return None
     with _lock:
-        if name not in _loaded:
-            _loaded[name] = _load()
-        return _loaded[name]
+        if _kernel is _UNLOADED:
+            _kernel = _load()
+        return _kernel
 
 
 def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., None] | None:
@@ -167,8 +166,9 @@ def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., Non
     ``gates``, the ``(4H, m)`` block of pre-activations ``[a_i; a_f; a_o; 2 a_g]`` (cell-gate rows
     doubled): :math:`c' = \sigma(a_f) c + \sigma(a_i) \tanh(a_g)`,
     :math:`h' = \sigma(a_o) \tanh(c')`. It also writes :math:`h'` into ``h_copy`` (an ``(H, m)``
-    view) unless that is ``None``, and with ``out=(u, w, b)`` (``u`` an ``(m,)`` view, ``w`` ``H``
-    contiguous floats, ``b`` a float) the output layer :math:`u = w^\top h' + b`.
+    view) unless that is ``None``, and with ``out=(u, w, b)`` (``u`` a ``(1, m)`` view, ``w`` the
+    ``(1, H)`` output weight, contiguous, ``b`` a float or one-element tensor) the output layer
+    :math:`u = w^\top h' + b`.
 
     Returns ``None`` (the caller computes the same with torch) when the kernel is disabled or
     failed to build, or when any of ``tensors`` (those the caller will pass views of) is not a
@@ -178,15 +178,15 @@ def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., Non
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() in (1, 2) and t.stride(-1) == 1
                for t in tensors):
         return None
-    fn = _get("lstm_cell")
+    fn = _get()
     if fn is None:
         return None
     nthreads = torch.get_num_threads() if threads is None else threads
 
     def cell(gates: Tensor, c: Tensor, h: Tensor, h_copy: Tensor | None = None,
-             out: tuple[Tensor, Tensor, float] | None = None) -> None:
+             out: tuple[Tensor, Tensor, Tensor | float] | None = None) -> None:
         copy_ptr, copy_ld = (None, 0) if h_copy is None else (h_copy.data_ptr(), h_copy.stride(0))
-        u_ptr, w_ptr, b = (None, None, 0.0) if out is None else (out[0].data_ptr(), out[1].data_ptr(), out[2])
+        u_ptr, w_ptr, b = (None, None, 0.0) if out is None else (out[0].data_ptr(), out[1].data_ptr(), float(out[2]))
         fn(gates.data_ptr(), gates.stride(0), c.data_ptr(), c.stride(0), h.data_ptr(), h.stride(0), copy_ptr, copy_ld,
            u_ptr, w_ptr, b, c.shape[0], c.shape[1], nthreads)
 

@@ -142,6 +142,3 @@ void l2o_lstm_cell_f32(const float *gates, int64_t ldg, float *c, int64_t ldc, f
         cell_columns(gates, ldg, c, ldc, h, ldh, h2, ldh2, u, out_w, out_b, hidden, q * chunk, j1);
     }
 }
-
-/* Version of this file's ABI, checked by the loader. */
-int64_t l2o_kernels_abi(void) { return 3; }

@@ -34,7 +34,7 @@ math after each block's matrix product runs in one pass of the compiled kernel o
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -169,15 +169,11 @@ def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weight
     r"""The forward of :class:`_FusedLSTMStep` without autograd, in place and block by block.
 
     Overwrites ``hs`` and ``cs`` (each ``(H, N)``) with the new state and returns the raw output
-    ``u (N,)``. Per block of columns and layer: ``[x; h]`` is copied into one buffer, one ``addmm``
-    gives the gates (cell rows of the weights doubled), one ``sigmoid_`` all four of them, and
-
-    .. math:: c' = f c + 2 i\,\sigma(2a_g) - i, \qquad h' = 2 o\,\sigma(2c') - o
-
-    which are :math:`f c + i \tanh(a_g)` and :math:`o \tanh(c')` with
-    :math:`\tanh(x) = 2\sigma(2x) - 1`. Every intermediate lives in buffers allocated once.
-    With ``use_kernel`` and float32 CPU tensors, the compiled :func:`l2o.kernels.lstm_cell` does
-    everything after the ``addmm`` in one pass (when it is available).
+    ``u (N,)``. Per block of columns and layer: ``[x; h]`` is gathered in one buffer, one ``addmm``
+    gives the gates (cell rows of the weights doubled), and one ``cell`` call does the rest: the
+    compiled :func:`l2o.kernels.lstm_cell` (``use_kernel`` and float32 CPU tensors, when it is
+    available) or its torch twin :func:`_torch_cell`. Every intermediate lives in buffers
+    allocated once.
     """
     features, n = x.shape
     hidden = hs[0].shape[0]
@@ -188,40 +184,54 @@ def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weight
     ow, ob = out_w.detach(), out_b.detach().unsqueeze(1)
     width = max(1, min(block, n))
     new = dict(dtype=out_w.dtype, device=out_w.device)
-    xh_bufs = [torch.empty(((features if layer == 0 else hidden) + hidden) * width, **new) for layer in range(len(hs))]
+    xh_bufs = [torch.empty(w.shape[1] * width, **new) for w in ws]
     gate_buf = torch.empty(4 * hidden * width, **new)
-    tanh_buf = torch.empty(hidden * width, **new)
     u = torch.empty(1, n, **new)
     cell = kernels.lstm_cell(gate_buf.view(4 * hidden, width), *hs, *cs, u, ow) if use_kernel else None
-    if cell is not None:
-        ow_flat, ob_value = ow.reshape(-1).contiguous(), float(ob)
+    if cell is None:
+        cell = _torch_cell(torch.empty(hidden * width, **new))
     # every block's views made by one split per tensor (not sliced per block and layer)
     columns = [x.split(block, 1), *(t.split(block, 1) for t in hs), *(t.split(block, 1) for t in cs), u.split(block, 1)]
     L = len(hs)
     for views in zip(*columns):
-        inp, m = views[0], views[0].shape[1]
+        m = views[0].shape[1]
         xhs = [buf[: w.shape[1] * m].view(w.shape[1], m) for buf, w in zip(xh_bufs, ws)]  # contiguous, also for the last block
+        xhs[0][:features].copy_(views[0])
         for layer, (ws_l, bs_l, xh) in enumerate(zip(ws, bs, xhs)):
             h, c = views[1 + layer], views[1 + L + layer]
-            xh_in, xh_h = xh.split((xh.shape[0] - hidden, hidden))
-            if cell is None or layer == 0:  # the kernel wrote layer l's new h into layer l+1's buffer
-                xh_in.copy_(inp)
-            xh_h.copy_(h)
+            xh[xh.shape[0] - hidden:].copy_(h)
             s = torch.addmm(bs_l, ws_l, xh, out=gate_buf[: 4 * hidden * m].view(4 * hidden, m))
-            inp = h
-            if cell is not None:
-                if layer + 1 < L:
-                    cell(s, c, h, xhs[layer + 1][:hidden])
-                else:
-                    cell(s, c, h, out=(views[-1], ow_flat, ob_value))
-                continue
-            i, f, o, sg = s.sigmoid_().split(hidden)
-            c.mul_(f).addcmul_(i, sg, value=2.0).sub_(i)
-            t = torch.mul(c, 2.0, out=tanh_buf[: hidden * m].view(hidden, m)).sigmoid_()
-            torch.mul(o, t, out=h).mul_(2.0).sub_(o)
-        if cell is None:
-            torch.addmm(ob, ow, inp, out=views[-1])
+            if layer + 1 < L:  # the new h goes straight into the next layer's [x; h] buffer
+                cell(s, c, h, xhs[layer + 1][:hidden])
+            else:
+                cell(s, c, h, out=(views[-1], ow, ob))
     return u[0]
+
+
+def _torch_cell(tanh_buf: Tensor) -> Callable[..., None]:
+    r"""The torch implementation of :func:`l2o.kernels.lstm_cell`'s ``cell`` (same contract):
+    one ``sigmoid_`` over the four gate blocks, then
+
+    .. math:: c' = f c + 2 i\,\sigma(2a_g) - i, \qquad h' = 2 o\,\sigma(2c') - o
+
+    which are :math:`f c + i \tanh(a_g)` and :math:`o \tanh(c')` with
+    :math:`\tanh(x) = 2\sigma(2x) - 1`, in place, with ``tanh_buf`` (at least ``H x m``) as scratch.
+    """
+
+    def cell(gates: Tensor, c: Tensor, h: Tensor, h_copy: Tensor | None = None,
+             out: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        hidden, m = c.shape
+        i, f, o, sg = gates.sigmoid_().split(hidden)
+        c.mul_(f).addcmul_(i, sg, value=2.0).sub_(i)
+        t = torch.mul(c, 2.0, out=tanh_buf[: hidden * m].view(hidden, m)).sigmoid_()
+        torch.mul(o, t, out=h).mul_(2.0).sub_(o)
+        if h_copy is not None:
+            h_copy.copy_(h)
+        if out is not None:
+            u, w, b = out
+            torch.addmm(b, w, h, out=u)
+
+    return cell
 
 
 def _reference_step(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], layer_params: Sequence[Tensor],
