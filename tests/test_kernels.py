@@ -211,3 +211,133 @@ def test_learned_optimizer_uses_kernel_and_matches_torch_path():
     torch.testing.assert_close(torch.tensor(losses_k), torch.tensor(losses_t), rtol=1e-5, atol=1e-7)
     for a, b in zip(params_k, params_t):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- meta-training: the fused autograd step's kernel forward and backward ----
+
+def _meta_gradients(rule, theta0, steps, second_order):
+    """Meta-loss sum_t |theta_t|^2 over ``steps`` LSTM steps on a fixed nonlinear gradient field;
+    returns the meta-loss, its gradients for every meta-param and (second order) for theta0."""
+    params = {"a": theta0.clone().requires_grad_(second_order)}
+    theta, state, total = params["a"], rule.init(params), 0.0
+    for t in range(steps):
+        g = torch.sin(3.0 * theta) * 5.0 + 0.1 * theta
+        updates, state = rule.update({"a": g if second_order else g.detach()}, state, {"a": theta}, step=t)
+        theta = theta + updates["a"]
+        total = total + (theta * theta).sum()
+    inputs = [*rule.parameters(), *([params["a"]] if second_order else [])]
+    return total.detach(), torch.autograd.grad(total, inputs)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("n", [7, 1300])
+@pytest.mark.parametrize("second_order", [False, True], ids=["first", "second"])
+def test_autograd_kernel_as_accurate_as_torch_path(kw, n, second_order, monkeypatch):
+    """Meta-gradients through 5 steps with the kernel forward/backward (float32) are as close to the
+    float64 truth as the torch path's float32 ones (within 10x, plus 2e-5 of their scale), for
+    column counts below one vector and with a tail after the 512/1024-column chunks."""
+    import copy
+
+    calls = []
+    real = lstm_module._kernel_forward
+    monkeypatch.setattr(lstm_module, "_kernel_forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    rule = LSTMRule(**kw)
+    theta0 = torch.randn(n)
+    loss64, want = _meta_gradients(copy.deepcopy(rule).double(), theta0.double(), 5, second_order)
+    assert not calls  # float64 runs the torch path
+    kernels.set_enabled(False)
+    try:
+        loss_t, torch32 = _meta_gradients(rule, theta0, 5, second_order)
+    finally:
+        kernels.set_enabled(True)
+    assert not calls
+    loss_k, kernel32 = _meta_gradients(rule, theta0, 5, second_order)
+    assert len(calls) == 5
+    assert abs(float(loss_k) - float(loss64)) <= 10 * abs(float(loss_t) - float(loss64)) + 1e-6 * float(loss64)
+    for k, t, w in zip(kernel32, torch32, want):
+        scale = float(w.abs().max())
+        assert scale > 0
+        err_k, err_t = float((k.double() - w).abs().max()), float((t.double() - w).abs().max())
+        assert err_k <= 10 * err_t + 2e-5 * scale, (err_k, err_t, scale)
+
+
+@needs_compiler
+def test_autograd_kernel_unused_outputs():
+    """Gradients that never arrive (an output not used by the loss) count as zero, as in torch."""
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=5, num_layers=2)
+    x = torch.randn(1, 40)
+    state = rule.init({"a": torch.zeros(40)})
+    hs = [torch.randn(5, 40) for _ in range(2)]
+    cs = [torch.randn(5, 40) for _ in range(2)]
+    layer_params = [t for pair in zip(rule.weights, rule.biases) for t in pair]
+    assert len(state.hidden) == 2
+    for pick in (lambda out: out[0].sum(), lambda out: out[1].sum() + out[4].square().sum()):
+        got = []
+        for enabled in (True, False):
+            kernels.set_enabled(enabled)
+            try:
+                out = lstm_module._FusedLSTMStep.apply(x, 2, *hs, *cs, *layer_params, rule.out_weight, rule.out_bias)
+                got.append(torch.autograd.grad(pick(out), list(rule.parameters()), allow_unused=True))
+            finally:
+                kernels.set_enabled(True)
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert any(float(a.abs().max()) > 0 for a in got[0])
+
+
+@needs_compiler
+def test_autograd_kernels_threads_identical_and_saturation():
+    """The forward and backward kernels give bitwise-identical results on 1, 2 and 3 threads, and
+    saturated or NaN pre-activations behave as in torch (finite gradients; NaN stays NaN)."""
+    torch.manual_seed(0)
+    H, m = 4, 3000
+    act0 = torch.randn(4 * H, m) * 4
+    act0[:, :12] = torch.tensor([1e30, -1e30, float("inf"), float("-inf"), 88.0, -88.0, 0.0, 20.0, -20.0, 1e-30,
+                                 3.0, float("nan")])
+    bias, c = torch.randn(4 * H), torch.randn(H, m)
+    dh, dcn, du, w = torch.randn(H, m), torch.randn(H, m), torch.randn(m), torch.randn(1, H)
+    results = []
+    for threads in (1, 2, 3):
+        k = kernels.lstm_autograd(act0, threads=threads)
+        assert k is not None
+        act, cn, h, tc, u = act0.clone(), torch.empty(H, m), torch.empty(H, m), torch.empty(H, m), torch.empty(m)
+        k.forward(act, bias, c, cn, h, tc, out=(u, w, 0.25))
+        dact, dc = torch.empty(4 * H, m), torch.empty(H, m)
+        k.backward(act, c, tc, (dh, None), du, w, dcn, dact, dc)
+        results.append((act, cn, h, tc, u, dact, dc))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    act, cn, h, tc, u, dact, dc = results[0]
+    # torch reference of the same forward and backward (autograd)
+    a = (act0 + bias.unsqueeze(1)).requires_grad_()
+    c_ref = c.clone().requires_grad_()
+    i, f, o = (torch.sigmoid(a[q * H:(q + 1) * H]) for q in range(3))
+    g = torch.tanh(a[3 * H:])
+    c_new = f * c_ref + i * g
+    h_new = o * torch.tanh(c_new)
+    u_ref = (w @ h_new).squeeze(0) + 0.25
+    da, dc_ref = torch.autograd.grad([h_new, c_new, u_ref], [a, c_ref], [dh, dcn, du])
+    nan = torch.isnan(act0[:, 11])
+    assert nan.all() and torch.isnan(cn[:, 11]).all() and torch.isnan(dc[:, 11]).all()
+    ok = slice(0, 11), slice(12, m)
+    for cols in ok:
+        torch.testing.assert_close(cn[:, cols], c_new.detach()[:, cols], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h[:, cols], h_new.detach()[:, cols], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tc[:, cols], torch.tanh(c_new.detach())[:, cols], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dact[:, cols], da[:, cols], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dc[:, cols], dc_ref[:, cols], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(u[12:], u_ref.detach()[12:], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(dact[:, :11]).all()
+
+
+def test_autograd_kernels_decline_float64_and_disabled():
+    assert kernels.lstm_autograd(torch.zeros(3, dtype=torch.float64)) is None
+    kernels.set_enabled(False)
+    try:
+        assert kernels.lstm_autograd(torch.zeros(3)) is None
+    finally:
+        kernels.set_enabled(True)

@@ -1,10 +1,13 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler.
 
-One kernel today: the elementwise half of a coordinate-wise LSTM layer (``lstm_cell.c``: four
-gate sigmoids, the cell and hidden update, one pass over the block instead of about a dozen torch
-kernels). :meth:`l2o.LSTMRule.update_`, and so ``LearnedOptimizer.step()``, use it for float32
-state on the CPU; everything else (float64, CUDA, meta-training) runs the torch implementation,
-which computes the same math and is what the tests compare the kernel against.
+One source file, ``lstm_cell.c``: the elementwise half of a coordinate-wise LSTM layer (four gate
+sigmoids, the cell and hidden update: one pass over the block instead of about a dozen torch
+kernels), in two forms. :func:`lstm_cell` updates the state in place (what
+:meth:`l2o.LSTMRule.update_`, and so ``LearnedOptimizer.step()``, runs); :func:`lstm_autograd` is a
+forward that keeps the activations and its backward (what the LSTM rule's fused autograd step runs
+in meta-training). Both serve float32 state on the CPU; everything else (float64, CUDA) runs the
+torch implementation, which computes the same math and is what the tests compare the kernels
+against.
 
 The source is compiled once per machine into the ``kernels`` folder of the cache directory
 (``$L2O_CACHE``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o``; a temporary folder if that is
@@ -26,14 +29,14 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..cache import default_cache_dir
 
-__all__ = ["lstm_cell", "is_available", "set_enabled"]
+__all__ = ["lstm_cell", "lstm_autograd", "is_available", "set_enabled"]
 
 _SOURCE = Path(__file__).with_name("lstm_cell.c")
 #: Compiler flag sets tried in order; the first that builds wins. ``-fno-trapping-math`` lets the
@@ -47,7 +50,7 @@ _FLAG_SETS = (
 _lock = threading.Lock()
 _enabled: bool | None = None  # None: read L2O_KERNELS on first use
 _UNLOADED: Any = object()
-_kernel: Any = _UNLOADED  # after the first use: the ctypes function, or None if it could not be built
+_kernel: Any = _UNLOADED  # after the first use: the _Kernels, or None if they could not be built
 _warned = False
 
 
@@ -124,24 +127,36 @@ def _build(compiler: str, source: bytes) -> Path:
     raise RuntimeError("; ".join(errors) or "no flag set compiled")
 
 
-def _load() -> Callable[..., None] | None:
+class _Kernels(NamedTuple):
+    """The entry points of ``lstm_cell.c`` (ctypes functions)."""
+
+    cell: Any
+    forward: Any
+    backward: Any
+
+
+def _load() -> _Kernels | None:
     global _warned
     compiler = _compiler()
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
         # the cache key hashes the source, so the library loaded always matches the argtypes below
-        fn = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes()))).l2o_lstm_cell_f32
+        lib = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes())))
+        fns = _Kernels(lib.l2o_lstm_cell_f32, lib.l2o_lstm_forward_f32, lib.l2o_lstm_backward_f32)
     except (OSError, RuntimeError, AttributeError) as exc:
         if not _warned:
             _warned = True
             warnings.warn(f"l2o: could not build the compiled LSTM kernel ({exc}); using the torch implementation, "
                           "which is slower. Set L2O_KERNELS=0 to skip this attempt.", RuntimeWarning, stacklevel=3)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_float, i64, i64, i64]
-    fn.restype = None
-    return fn
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    fns.cell.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, f32, i64, i64, i64]
+    fns.forward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, i64, i64, i64]
+    fns.backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+    for fn in fns:
+        fn.restype = None
+    return fns
 
 
 def is_available() -> bool:
@@ -149,7 +164,7 @@ def is_available() -> bool:
     return _get() is not None
 
 
-def _get() -> Callable[..., None] | None:
+def _get() -> _Kernels | None:
     global _kernel
     if not _is_enabled():
         return None
@@ -157,6 +172,12 @@ def _get() -> Callable[..., None] | None:
         if _kernel is _UNLOADED:
             _kernel = _load()
         return _kernel
+
+
+def _fits(tensors: tuple[Tensor, ...]) -> bool:
+    """Float32 CPU tensors of one or two dimensions with contiguous rows."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() in (1, 2) and t.stride(-1) == 1
+               for t in tensors)
 
 
 def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., None] | None:
@@ -175,12 +196,12 @@ def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., Non
     float32 CPU tensor with contiguous rows. ``cell`` itself does no checks; it runs on ``threads``
     threads (default: ``torch.get_num_threads()`` at this call).
     """
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() in (1, 2) and t.stride(-1) == 1
-               for t in tensors):
+    if not _fits(tensors):
         return None
-    fn = _get()
-    if fn is None:
+    fns = _get()
+    if fns is None:
         return None
+    fn = fns.cell
     nthreads = torch.get_num_threads() if threads is None else threads
 
     def cell(gates: Tensor, c: Tensor, h: Tensor, h_copy: Tensor | None = None,
@@ -191,3 +212,57 @@ def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., Non
            u_ptr, w_ptr, b, c.shape[0], c.shape[1], nthreads)
 
     return cell
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class LSTMAutograd(NamedTuple):
+    """The meta-training kernels bound to a thread count; see :func:`lstm_autograd`."""
+
+    fns: _Kernels
+    threads: int
+
+    def forward(self, act: Tensor, bias: Tensor, c: Tensor, c_new: Tensor, h: Tensor, tanh_c: Tensor,
+                h_copy: Tensor | None = None, out: tuple[Tensor, Tensor, float] | None = None) -> None:
+        r"""One layer's forward. On entry ``act`` (``(4H, m)``, contiguous) holds the products
+        :math:`W [x; h]` without the bias; on return the activations
+        :math:`[\sigma(a_i); \sigma(a_f); \sigma(a_o); \tanh(a_g)]` of :math:`a = W[x; h] + b`.
+        Writes :math:`c' = f c + i g` to ``c_new``, :math:`h' = o \tanh(c')` to ``h`` and
+        :math:`\tanh(c')` to ``tanh_c`` (all ``(H, m)``, contiguous); like the cell, also
+        :math:`h'` to ``h_copy`` (rows of stride ``h_copy.stride(0)``) and, with
+        ``out=(u, w, b)``, the output layer :math:`u = w^\top h' + b` to ``u`` (``m`` floats)."""
+        hidden, m = c.shape
+        copy_ptr, copy_ld = (None, 0) if h_copy is None else (h_copy.data_ptr(), h_copy.stride(0))
+        u_ptr, w_ptr, b = (None, None, 0.0) if out is None else (out[0].data_ptr(), out[1].data_ptr(), float(out[2]))
+        self.fns.forward(act.data_ptr(), bias.data_ptr(), c.data_ptr(), c_new.data_ptr(), h.data_ptr(),
+                         tanh_c.data_ptr(), copy_ptr, copy_ld, u_ptr, w_ptr, b, hidden, m, self.threads)
+
+    def backward(self, act: Tensor, c: Tensor, tanh_c: Tensor, dh_parts: tuple[Tensor | None, Tensor | None],
+                 du: Tensor | None, out_w: Tensor | None, dc_new: Tensor | None, dact: Tensor, dc: Tensor) -> None:
+        r"""Its backward: with the gradient at :math:`h'` the sum of ``dh_parts`` (two ``(H, m)``
+        matrices with row stride ``m``, either ``None``) and, when ``du`` is given, the output
+        layer's :math:`w\, du^\top`, and the gradient at :math:`c'` ``dc_new`` (``None``: zero),
+        writes the gradient of the pre-activations :math:`a` to ``dact`` (``(4H, m)``) and of
+        ``c`` to ``dc`` (see ``lstm_cell.c`` for the formulas)."""
+        hidden, m = c.shape
+        self.fns.backward(act.data_ptr(), c.data_ptr(), tanh_c.data_ptr(), _ptr(dh_parts[0]), _ptr(dh_parts[1]),
+                          _ptr(du), _ptr(out_w), _ptr(dc_new), dact.data_ptr(), dc.data_ptr(), hidden, m, self.threads)
+
+
+def lstm_autograd(*tensors: Tensor, threads: int | None = None) -> LSTMAutograd | None:
+    """The meta-training kernels (a forward keeping the activations, and its backward), or ``None``.
+
+    ``None`` (the caller runs the torch implementation) when the kernels are disabled or failed to
+    build, or when any of ``tensors`` is not a float32 CPU tensor with contiguous rows. The
+    functions do no checks: every matrix they are given must be contiguous ``(rows, m)`` except
+    where their docstrings say otherwise. They run on ``threads`` threads (default:
+    ``torch.get_num_threads()`` at this call).
+    """
+    if not _fits(tensors):
+        return None
+    fns = _get()
+    if fns is None:
+        return None
+    return LSTMAutograd(fns, torch.get_num_threads() if threads is None else threads)

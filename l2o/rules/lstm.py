@@ -122,6 +122,9 @@ class _FusedLSTMStep(torch.autograd.Function):
         layer_params = args[2 * num_layers:4 * num_layers]
         out_w, out_b = args[4 * num_layers], args[4 * num_layers + 1]
         hidden = hs[0].shape[0]
+        ctx.kernels = kernels.lstm_autograd(x, *args)
+        if ctx.kernels is not None:
+            return _kernel_forward(ctx, x, hs, cs, layer_params, out_w, out_b)
         new_h, new_c, saved = [], [], []
         inp = x
         for layer in range(num_layers):
@@ -141,6 +144,8 @@ class _FusedLSTMStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, du: Tensor, *douts: Tensor):
+        if ctx.kernels is not None:
+            return _kernel_backward(ctx, du, douts)
         L, H = ctx.num_layers, ctx.hidden
         top, out_w, *rest = ctx.saved_tensors
         weights, saved = rest[:L], rest[L:]
@@ -162,6 +167,90 @@ class _FusedLSTMStep(torch.autograd.Function):
             else:
                 dx = dxh[:n_in]
         return (dx, None, *d_hs, *d_cs, *d_params, d_out_w, d_out_b)
+
+
+def _kernel_forward(ctx: Any, x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor],
+                    layer_params: Sequence[Tensor], out_w: Tensor, out_b: Tensor):
+    r""":meth:`_FusedLSTMStep.forward` with the gate math in the compiled kernel (float32 CPU).
+
+    Per layer: one product :math:`W [x; h]`, then one kernel pass that turns it into the
+    activations (kept for the backward, with :math:`c` and :math:`\tanh(c')`) and writes the new
+    state, a copy of :math:`h'` into the next layer's ``[x; h]`` and, on the top layer, the output.
+    """
+    k = ctx.kernels
+    L, (H, n) = len(hs), hs[0].shape
+    hs, cs = [h.contiguous() for h in hs], [c.contiguous() for c in cs]
+    out_w = out_w.contiguous()
+    u = torch.empty(n, dtype=x.dtype)
+    xh = torch.cat((x, hs[0]))
+    new_h, new_c, saved = [], [], []
+    for layer in range(L):
+        act = torch.mm(layer_params[2 * layer], xh)
+        c_new, h_new, tanh_c = (torch.empty(H, n, dtype=x.dtype) for _ in range(3))
+        if layer + 1 < L:
+            nxt = torch.empty(2 * H, n, dtype=x.dtype)
+            nxt[H:].copy_(hs[layer + 1])
+            k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, h_copy=nxt[:H])
+        else:
+            k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, out=(u, out_w, float(out_b)))
+        saved += [xh, cs[layer], act, tanh_c]
+        new_h.append(h_new)
+        new_c.append(c_new)
+        if layer + 1 < L:
+            xh = nxt
+    ctx.num_layers, ctx.hidden, ctx.in_features = L, H, x.shape[0]
+    ctx.set_materialize_grads(False)  # absent gradients stay None: the kernel reads them as zero
+    ctx.save_for_backward(new_h[-1], out_w, *layer_params[0::2], *saved)
+    return (u, *new_h, *new_c)
+
+
+def _kernel_backward(ctx: Any, du: Tensor | None, douts: Sequence[Tensor | None]):
+    r""":meth:`_FusedLSTMStep.backward` with the gate math in the compiled kernel (float32 CPU).
+
+    Per layer, from the top: one kernel pass gives the pre-activations' gradient ``dact`` and the
+    old cell's (the gradient at :math:`h'` summed inside it from the layer above, the next step
+    and the output layer), then :math:`dW = dact\,[x; h]^\top`, :math:`db = \sum_j dact`,
+    :math:`d[x; h] = W^\top dact` (only the rows something needs).
+    """
+    k, L, H = ctx.kernels, ctx.num_layers, ctx.hidden
+    top, out_w, *rest = ctx.saved_tensors
+    weights, saved = rest[:L], rest[L:]
+    need = ctx.needs_input_grad  # (x, num_layers, *hs, *cs, *params, out_w, out_b)
+
+    def contiguous(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.contiguous()
+
+    du = contiguous(du)
+    dh_out, dc_out = [contiguous(t) for t in douts[:L]], [contiguous(t) for t in douts[L:]]
+    n = top.shape[1]
+    if du is None:
+        d_out_w, d_out_b = torch.zeros_like(out_w), torch.zeros(1, dtype=top.dtype)
+    else:
+        d_out_w, d_out_b = (du.unsqueeze(0) @ top.t()), du.sum(0, keepdim=True)
+    d_hs: list[Tensor | None] = [None] * L
+    d_cs: list[Tensor | None] = [None] * L
+    d_params: list[Tensor | None] = [None] * (2 * L)
+    dx = dh_above = None
+    for layer in reversed(range(L)):
+        xh, c, act, tanh_c = saved[4 * layer:4 * layer + 4]
+        dact, dc = torch.empty(4 * H, n, dtype=top.dtype), torch.empty(H, n, dtype=top.dtype)
+        last = layer == L - 1
+        k.backward(act, c, tanh_c, (dh_above, dh_out[layer]), du if last else None, out_w if last else None,
+                   dc_out[layer], dact, dc)
+        w = weights[layer]
+        d_params[2 * layer], d_params[2 * layer + 1] = dact @ xh.t(), dact.sum(1)
+        d_cs[layer] = dc
+        n_in = w.shape[1] - H
+        if layer > 0 or need[0]:
+            dxh = w.t() @ dact
+            d_hs[layer] = dxh[n_in:]
+            if layer > 0:
+                dh_above = dxh[:n_in]
+            else:
+                dx = dxh[:n_in]
+        elif need[2]:  # only the old hidden state's gradient: skip the input rows' product
+            d_hs[layer] = w[:, n_in:].t() @ dact
+    return (dx, None, *d_hs, *d_cs, *d_params, d_out_w, d_out_b)
 
 
 def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weights: Sequence[Tensor],
