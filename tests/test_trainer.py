@@ -132,8 +132,37 @@ def test_compare_report_schema_and_held_out_tasks():
     for name, r in report["results"].items():
         assert len(r["curve"]) == 6 and r["final_loss_mean"] == pytest.approx(r["curve"][-1])
         assert name == "learned" or r["lr"] in (1e-3, 1e-2, 1e-1)
+        if name != "adam":
+            assert r["vs_adam"] == pytest.approx(r["final_loss_mean"] / report["results"]["adam"]["final_loss_mean"])
+            lo, hi = r["vs_adam_ci90"]
+            assert lo <= hi and lo < r["vs_adam"] * 1.2 and hi > r["vs_adam"] / 1.2
+    assert "vs_adam" not in report["results"]["adam"]
     with pytest.raises(ValueError, match="differ"):
         compare(rule, QuadraticFamily(), tuning_seed=1, eval_seed=1)
+
+
+def test_ratio_interval_is_a_paired_bootstrap():
+    """Identical losses give exactly 1; a uniform factor survives every resample (pairing); a heavy
+    tail widens the interval around the ratio; bad input is refused."""
+    from l2o.meta.evaluate import ratio_interval
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(500, generator=gen) + 0.1
+    assert ratio_interval(ref, ref.clone()) == pytest.approx((1.0, 1.0))
+    assert ratio_interval(0.5 * ref, ref) == pytest.approx((0.5, 0.5))
+    noisy = ref * (0.5 + 0.2 * torch.randn(500, generator=gen)).abs()
+    lo, hi = ratio_interval(noisy, ref)
+    point = float(noisy.mean() / ref.mean())
+    assert lo < point < hi and hi - lo < 0.1
+    tail = noisy.clone()
+    tail[:3] *= 200.0  # a few instances far out: an unstable mean
+    lo_t, hi_t = ratio_interval(tail, ref)
+    assert hi_t - lo_t > 5 * (hi - lo)
+    assert ratio_interval(tail, ref, seed=1) != (lo_t, hi_t)  # a different bootstrap draw
+    with pytest.raises(ValueError, match="same length"):
+        ratio_interval(ref, ref[:10])
+    with pytest.raises(ValueError, match="level"):
+        ratio_interval(ref, ref, level=1.5)
 
 
 @pytest.mark.slow
