@@ -19,8 +19,10 @@ equivariant to permuting coordinates.
 
 Implementation: all state is stored feature-major, ``(H, N)``, so that every gate is a contiguous
 block of memory, and one :class:`torch.autograd.Function` computes a whole step (all layers and the
-output) with a hand-written backward. It uses :math:`\tanh(x) = 2\sigma(2x) - 1` (``tanh`` is several
-times slower than ``sigmoid`` on CPU). ``fused=False`` selects a plain-autograd reference
+output) with a hand-written backward; for float32 CPU state its gate math, forward and backward,
+runs in the compiled kernel of :mod:`l2o.kernels` (one pass per layer each way). The torch path
+uses :math:`\tanh(x) = 2\sigma(2x) - 1` (``tanh`` is several times slower than ``sigmoid`` on
+CPU). ``fused=False`` selects a plain-autograd reference
 implementation of the same math (used by the tests, and twice differentiable).
 
 :meth:`LSTMRule.update_` (what the drop-in optimizer calls) computes the same step without autograd,
@@ -137,7 +139,6 @@ class _FusedLSTMStep(torch.autograd.Function):
         u = torch.addmm(out_b.unsqueeze(1), out_w, inp).squeeze(0)
         ctx.num_layers = num_layers
         ctx.hidden = hidden
-        ctx.in_features = x.shape[0]
         ctx.save_for_backward(inp, out_w, *layer_params[0::2], *saved)
         return (u, *new_h, *new_c)
 
@@ -198,7 +199,7 @@ def _kernel_forward(ctx: Any, x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tens
         new_c.append(c_new)
         if layer + 1 < L:
             xh = nxt
-    ctx.num_layers, ctx.hidden, ctx.in_features = L, H, x.shape[0]
+    ctx.num_layers, ctx.hidden = L, H
     ctx.set_materialize_grads(False)  # absent gradients stay None: the kernel reads them as zero
     ctx.save_for_backward(new_h[-1], out_w, *layer_params[0::2], *saved)
     return (u, *new_h, *new_c)
