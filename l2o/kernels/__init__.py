@@ -180,6 +180,13 @@ def _fits(tensors: tuple[Tensor, ...]) -> bool:
                for t in tensors)
 
 
+def _copy_and_out(h_copy: Tensor | None, out: tuple[Tensor, Tensor, Any] | None) -> tuple[Any, int, Any, Any, float]:
+    """The kernels' optional-output arguments: (h_copy pointer, its row stride, u, w pointers, b)."""
+    copy = (None, 0) if h_copy is None else (h_copy.data_ptr(), h_copy.stride(0))
+    outs = (None, None, 0.0) if out is None else (out[0].data_ptr(), out[1].data_ptr(), float(out[2]))
+    return (*copy, *outs)
+
+
 def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., None] | None:
     r"""The LSTM-cell kernel as a function ``cell(gates, c, h, h_copy=None, out=None)``, or ``None``.
 
@@ -206,8 +213,7 @@ def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., Non
 
     def cell(gates: Tensor, c: Tensor, h: Tensor, h_copy: Tensor | None = None,
              out: tuple[Tensor, Tensor, Tensor | float] | None = None) -> None:
-        copy_ptr, copy_ld = (None, 0) if h_copy is None else (h_copy.data_ptr(), h_copy.stride(0))
-        u_ptr, w_ptr, b = (None, None, 0.0) if out is None else (out[0].data_ptr(), out[1].data_ptr(), float(out[2]))
+        copy_ptr, copy_ld, u_ptr, w_ptr, b = _copy_and_out(h_copy, out)
         fn(gates.data_ptr(), gates.stride(0), c.data_ptr(), c.stride(0), h.data_ptr(), h.stride(0), copy_ptr, copy_ld,
            u_ptr, w_ptr, b, c.shape[0], c.shape[1], nthreads)
 
@@ -234,8 +240,7 @@ class LSTMAutograd(NamedTuple):
         :math:`h'` to ``h_copy`` (rows of stride ``h_copy.stride(0)``) and, with
         ``out=(u, w, b)``, the output layer :math:`u = w^\top h' + b` to ``u`` (``m`` floats)."""
         hidden, m = c.shape
-        copy_ptr, copy_ld = (None, 0) if h_copy is None else (h_copy.data_ptr(), h_copy.stride(0))
-        u_ptr, w_ptr, b = (None, None, 0.0) if out is None else (out[0].data_ptr(), out[1].data_ptr(), float(out[2]))
+        copy_ptr, copy_ld, u_ptr, w_ptr, b = _copy_and_out(h_copy, out)
         self.fns.forward(act.data_ptr(), bias.data_ptr(), c.data_ptr(), c_new.data_ptr(), h.data_ptr(),
                          tanh_c.data_ptr(), copy_ptr, copy_ld, u_ptr, w_ptr, b, hidden, m, self.threads)
 
