@@ -218,12 +218,9 @@ def plot_history(history: dict[str, list[float]], path: Path, *, title: str) -> 
 
 def _table(report: dict[str, Any]) -> str:
     rows = [("rule", "lr", f"loss@{report['horizon']} mean", "std", "vs adam", "90% interval")]
-    adam = report["results"].get("adam", {}).get("final_loss_mean")
     for name, r in report["results"].items():
-        ratio = f"{r['final_loss_mean'] / adam:.3f}" if adam else "-"
-        interval = "-"
-        if r.get("vs_adam_ci90") is not None:
-            interval = "{:.3f}-{:.3f}".format(*r["vs_adam_ci90"])
+        ratio = "1.000" if name == "adam" else "-" if r.get("vs_adam") is None else f"{r['vs_adam']:.3f}"
+        interval = "-" if r.get("vs_adam_ci90") is None else "{:.3f}-{:.3f}".format(*r["vs_adam_ci90"])
         lr = "-" if r["lr"] is None else f"{r['lr']:.3g}"
         rows.append((name, lr, f"{r['final_loss_mean']:.4g}", f"{r['final_loss_std']:.3g}", ratio, interval))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -188,17 +188,15 @@ def _kernel_forward(ctx: Any, x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tens
     for layer in range(L):
         act = torch.mm(layer_params[2 * layer], xh)
         c_new, h_new, tanh_c = (torch.empty(H, n, dtype=x.dtype) for _ in range(3))
-        if layer + 1 < L:
-            nxt = torch.empty(2 * H, n, dtype=x.dtype)
-            nxt[H:].copy_(hs[layer + 1])
-            k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, h_copy=nxt[:H])
+        saved += [xh, cs[layer], act, tanh_c]
+        if layer + 1 < L:  # h' goes straight into the next layer's [x; h]
+            xh = torch.empty(2 * H, n, dtype=x.dtype)
+            xh[H:].copy_(hs[layer + 1])
+            k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, h_copy=xh[:H])
         else:
             k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, out=(u, out_w, float(out_b)))
-        saved += [xh, cs[layer], act, tanh_c]
         new_h.append(h_new)
         new_c.append(c_new)
-        if layer + 1 < L:
-            xh = nxt
     ctx.num_layers, ctx.hidden = L, H
     ctx.set_materialize_grads(False)  # absent gradients stay None: the kernel reads them as zero
     ctx.save_for_backward(new_h[-1], out_w, *layer_params[0::2], *saved)
