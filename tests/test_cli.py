@@ -142,6 +142,21 @@ def test_meta_train_first_or_second_order(tmp_path, capsys):
     assert exit_info.value.code == 2 and "not allowed with argument" in err and len(err.strip().splitlines()) == 1
 
 
+def test_meta_train_nesterov_residual(tmp_path, capsys):
+    """--nesterov-lr builds the rule with the NAG residual (its config and learned step size land in
+    the checkpoint); a momentum outside [0, 1) is a one-line usage error that writes nothing."""
+    ckpt = tmp_path / "nag.pt"
+    argv = ["meta-train", *TINY_TRAIN, "--nesterov-lr", "0.05", "--nesterov-momentum", "0.8", "--zero-init-output"]
+    assert _run(capsys, *argv, "--out", str(ckpt))[0] == 0
+    data = torch.load(ckpt, weights_only=True)
+    assert data["config"]["nesterov_lr"] == 0.05 and data["config"]["nesterov_momentum"] == 0.8
+    assert "log_nesterov_lr" in data["state_dict"]
+    code, _, err = _run(capsys, *argv[:-5], "--nesterov-lr", "0.05", "--nesterov-momentum", "1.5",
+                        "--out", str(tmp_path / "bad.pt"))
+    assert code == 2 and "nesterov_momentum" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def test_evaluate_matches_compare_learned_row(tmp_path, capsys):
     """`evaluate` runs the rule on the held-out tasks `compare` uses (same seeds), without tuning baselines."""
     ckpt = tmp_path / "q.pt"

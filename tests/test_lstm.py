@@ -74,7 +74,8 @@ def test_fused_matches_reference_over_steps(kw):
 
 
 @pytest.mark.parametrize("kw", [*CONFIGS[:4], CONFIGS[5], dict(preprocess="rnnprop", adam_lr=0.01),
-                                dict(preprocess="rnnprop", momentum_lr=0.5)],
+                                dict(preprocess="rnnprop", momentum_lr=0.5),
+                                dict(preprocess="log_sign", nesterov_lr=0.3, nesterov_momentum=0.8)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_in_place_update_equals_update_over_steps(kw, block, monkeypatch):
@@ -307,3 +308,54 @@ def test_momentum_residual_conforms_starts_as_momentum_sgd_and_learns_its_step_s
     loaded = l2o.load_rule(path)
     assert loaded.config()["momentum_lr"] == 0.5
     torch.testing.assert_close(loaded.log_momentum_lr.detach().double(), rule.log_momentum_lr.detach().double())
+
+
+@pytest.mark.parametrize("preprocess", ["none", "log_sign", "rnnprop"])
+def test_nesterov_residual_starts_as_torch_nag_and_learns_its_step_size(preprocess, tmp_path):
+    """With a zero output layer the rule is torch.optim.SGD(nesterov=True) at nesterov_lr (whatever
+    the inputs), its log step size gets a meta-gradient, and a checkpoint keeps both."""
+    check_rule(_rule(preprocess=preprocess, hidden_size=5, nesterov_lr=0.1))
+    rule = _rule(preprocess=preprocess, hidden_size=5, nesterov_lr=0.1, nesterov_momentum=0.8, zero_init_output=True)
+    theta = _random((7,), 70)
+    ref = theta.detach().clone().requires_grad_(True)
+    torch_nag = torch.optim.SGD([ref], lr=float(rule.log_nesterov_lr.detach().double().exp()), momentum=0.8,
+                                nesterov=True)
+    params = {"w": theta}
+    state = rule.init(params)
+    assert len(state.velocity) == 1
+    total = 0.0
+    for t in range(4):
+        grad = _random((7,), 80 + t) + params["w"].detach() ** 3
+        updates, state = rule.update({"w": grad}, state, params, step=t)
+        params = {"w": params["w"] + updates["w"]}
+        total = total + updates["w"].sum()
+        ref.grad = _random((7,), 80 + t) + ref.detach() ** 3
+        torch_nag.step()
+        torch.testing.assert_close(params["w"].detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    total.backward()
+    assert rule.log_nesterov_lr.grad is not None and rule.log_nesterov_lr.grad.abs() > 0
+    assert rule.out_weight.grad is not None and rule.out_weight.grad.abs().sum() > 0
+    import l2o
+    with torch.no_grad():
+        rule.log_nesterov_lr.add_(0.25)
+    loaded = l2o.load_rule(l2o.save_rule(tmp_path / "nag.pt", rule))
+    assert loaded.config()["nesterov_lr"] == 0.1 and loaded.config()["nesterov_momentum"] == 0.8
+    torch.testing.assert_close(loaded.log_nesterov_lr.detach().double(), rule.log_nesterov_lr.detach().double())
+
+
+def test_nesterov_residual_bad_input():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="nesterov_lr"):
+            LSTMRule(nesterov_lr=bad)
+    for bad in (1.0, -0.1, 2.0):
+        with pytest.raises(ValueError, match="nesterov_momentum"):
+            LSTMRule(nesterov_lr=0.1, nesterov_momentum=bad)
+    with pytest.raises(TypeError, match="nesterov_lr"):
+        LSTMRule(nesterov_lr="0.1")
+    assert "nesterov_lr" not in LSTMRule().config()  # configs of older checkpoints stay valid
+    rule, plain = LSTMRule(nesterov_lr=0.1), LSTMRule()
+    params = {"w": torch.zeros(3)}
+    with pytest.raises(ValueError, match="velocity"):  # a state made by a rule without the residual
+        rule.update({"w": torch.ones(3)}, plain.init(params), params, step=0)
+    with pytest.raises(ValueError, match="velocity"):
+        plain.update({"w": torch.ones(3)}, rule.init(params), params, step=0)

@@ -43,6 +43,7 @@ RULES: dict[str, Callable[[], l2o.Rule]] = {
     "lstm": small_lstm,
     "lstm_log_sign": lambda: small_lstm(1, preprocess="log_sign"),
     "lstm_rnnprop": lambda: small_lstm(1, preprocess="rnnprop"),
+    "lstm_nesterov": lambda: small_lstm(2, preprocess="log_sign", nesterov_lr=0.05),
     "sgd": lambda: l2o.SGD(lr=0.05),
     "sgd_momentum": lambda: l2o.SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
     "nag": lambda: l2o.NAG(lr=0.05),

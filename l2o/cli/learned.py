@@ -52,6 +52,12 @@ def add_meta_train_parser(sub: Any) -> None:
                     help="with --preprocess rnnprop: add a learnable momentum-SGD step (initial step size "
                          "MOMENTUM_LR times the bias-corrected running mean of the gradient) to the LSTM's output; "
                          "with --zero-init-output the rule starts as momentum SGD")
+    mt.add_argument("--nesterov-lr", type=positive_float, default=None,
+                    help="add a learnable Nesterov-momentum step (torch.optim.SGD(nesterov=True) with initial learning "
+                         "rate NESTEROV_LR and its own momentum buffer) to the LSTM's output, with any inputs; with "
+                         "--zero-init-output the rule starts as exactly that NAG")
+    mt.add_argument("--nesterov-momentum", type=float, default=0.9,
+                    help="the momentum of --nesterov-lr, in [0, 1) (default 0.9)")
     mt.add_argument("--step-weights", default=None, choices=["uniform", "linear", "final"],
                     help="meta-loss weight of inner step t: uniform (the paper, default), linear (t / horizon) or final (last step only)")
     order = mt.add_mutually_exclusive_group()
@@ -133,7 +139,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
                     preprocess=args.preprocess or defaults["preprocess"],
                     output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output,
-                    adam_lr=args.adam_lr, momentum_lr=args.momentum_lr).to(device)
+                    adam_lr=args.adam_lr, momentum_lr=args.momentum_lr, nesterov_lr=args.nesterov_lr,
+                    nesterov_momentum=args.nesterov_momentum).to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:

@@ -62,12 +62,14 @@ BLOCK_COLUMNS = 8192
 
 
 class LSTMState(NamedTuple):
-    """Per-coordinate recurrent state: one ``(H, N)`` hidden and cell tensor per layer, and with
-    ``preprocess="rnnprop"`` the gradient's running moments ``(m, √v)``, each ``(N,)`` (else empty)."""
+    """Per-coordinate recurrent state: one ``(H, N)`` hidden and cell tensor per layer; with
+    ``preprocess="rnnprop"`` the gradient's running moments ``(m, √v)``, each ``(N,)`` (else empty);
+    with ``nesterov_lr`` the Nesterov residual's momentum buffer ``(b,)``, ``(N,)`` (else empty)."""
 
     hidden: tuple[Tensor, ...]
     cell: tuple[Tensor, ...]
     moments: tuple[Tensor, ...] = ()
+    velocity: tuple[Tensor, ...] = ()
 
 
 def _sigmoid_tanh(x: Tensor) -> Tensor:
@@ -366,6 +368,13 @@ class LSTMRule(Rule):
             :math:`\eta_m` (initialised to ``momentum_lr``) is learned as :math:`\log\eta_m`. With
             ``zero_init_output`` the untrained rule is momentum SGD and meta-training learns
             corrections to it. Not invariant to the gradient's scale, unlike the rest of the rule.
+        nesterov_lr: with any inputs, add a Nesterov momentum step (``torch.optim.SGD(nesterov=True)``)
+            with its own buffer :math:`b_t = \mu b_{t-1} + g_t` (:math:`b_{-1} = 0`):
+            :math:`u_t \mathrel{+}= -\eta_n (g_t + \mu b_t)`, its step size :math:`\eta_n`
+            (initialised to ``nesterov_lr``) learned as :math:`\log\eta_n`. With
+            ``zero_init_output`` the untrained rule is exactly NAG at that learning rate, and
+            meta-training learns its step size and the LSTM's corrections to it.
+        nesterov_momentum: the :math:`\mu \in [0, 1)` of ``nesterov_lr`` (default 0.9, fixed).
 
     Weights follow ``nn.LSTM``'s initialisation, :math:`\mathcal U(-1/\sqrt H, 1/\sqrt H)`, with
     the forget-gate bias set to 1. Gate order in each ``weight_l`` is (input, forget, output, cell).
@@ -374,10 +383,12 @@ class LSTMRule(Rule):
     name = "lstm"
     adam_lr: float | None
     momentum_lr: float | None
+    nesterov_lr: float | None
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: str = "none",
                  preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
-                 fused: bool = True, adam_lr: float | None = None, momentum_lr: float | None = None) -> None:
+                 fused: bool = True, adam_lr: float | None = None, momentum_lr: float | None = None,
+                 nesterov_lr: float | None = None, nesterov_momentum: float = 0.9) -> None:
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_layers", num_layers)
@@ -401,6 +412,12 @@ class LSTMRule(Rule):
                 value = check_hyperparameter(name, value, low=0.0, low_inclusive=False)
                 setattr(self, f"log_{name}", nn.Parameter(torch.tensor(math.log(value))))
             setattr(self, name, value)
+        if nesterov_lr is not None:
+            nesterov_lr = check_hyperparameter("nesterov_lr", nesterov_lr, low=0.0, low_inclusive=False)
+            self.log_nesterov_lr = nn.Parameter(torch.tensor(math.log(nesterov_lr)))
+        self.nesterov_lr = nesterov_lr
+        self.nesterov_momentum = check_hyperparameter("nesterov_momentum", nesterov_momentum, low=0.0, high=1.0,
+                                                      high_inclusive=False)
         in_features = num_features(preprocess)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -439,6 +456,8 @@ class LSTMRule(Rule):
             "fused": self.fused,
             **({} if self.adam_lr is None else {"adam_lr": self.adam_lr}),  # older checkpoints have no key
             **({} if self.momentum_lr is None else {"momentum_lr": self.momentum_lr}),
+            **({} if self.nesterov_lr is None else {"nesterov_lr": self.nesterov_lr,
+                                                     "nesterov_momentum": self.nesterov_momentum}),
         }
 
     def init(self, params: Params) -> LSTMState:
@@ -451,7 +470,8 @@ class LSTMRule(Rule):
         moments: tuple[Tensor, ...] = ()
         if self.preprocess == "rnnprop":
             moments = (torch.zeros(n, dtype=ref.dtype, device=ref.device), torch.zeros(n, dtype=ref.dtype, device=ref.device))
-        return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:], moments)
+        velocity = () if self.nesterov_lr is None else (torch.zeros(n, dtype=ref.dtype, device=ref.device),)
+        return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:], moments, velocity)
 
     def _check_state(self, state: Any) -> None:
         """``state`` must be an :class:`LSTMState` of this rule's layers and hidden size."""
@@ -470,9 +490,16 @@ class LSTMRule(Rule):
                 isinstance(t, Tensor) and t.shape == (layers[0].shape[1],) for t in state.moments)):
             raise ValueError("LSTMRule.update: preprocess='rnnprop' needs the gradient moments in state.moments; "
                              "call rule.init(params) with this rule")
+        if (self.nesterov_lr is not None) != bool(state.velocity) or (state.velocity and not (
+                len(state.velocity) == 1 and isinstance(state.velocity[0], Tensor)
+                and state.velocity[0].shape == (layers[0].shape[1],))):
+            raise ValueError("LSTMRule.update: state.velocity must hold the Nesterov buffer exactly when the rule has "
+                             "nesterov_lr; call rule.init(params) with this rule")
 
-    def _inputs(self, grads: Params, state: LSTMState, params: Params, step: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Checked arguments -> the preprocessed inputs ``x (F, N)`` and the new moments."""
+    def _inputs(self, grads: Params, state: LSTMState, params: Params,
+                step: int) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
+        """Checked arguments -> the preprocessed inputs ``x (F, N)``, the new moments, the new
+        Nesterov buffer and the flat gradient."""
         check_update_args(grads, params, step, rule="LSTMRule")
         if not params:
             raise ValueError("LSTMRule.update: params is empty; pass at least one tensor")
@@ -482,18 +509,24 @@ class LSTMRule(Rule):
         if state.hidden[0].shape[1] != n:
             raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but the grads have {n}: "
                              "call rule.init(params) for these params")
+        velocity = state.velocity
+        if velocity:  # b_t = mu b_{t-1} + g_t
+            velocity = (velocity[0].to(flat.dtype) * self.nesterov_momentum + flat,)
         if self.preprocess == "rnnprop":
             x, m, v = rnnprop_inputs(flat, state.moments[0], state.moments[1], step)
-            return x, (m, v)
-        return preprocess(flat, self.preprocess, self.preprocess_p), state.moments
+            return x, (m, v), velocity, flat
+        return preprocess(flat, self.preprocess, self.preprocess_p), state.moments, velocity, flat
 
-    def _updates(self, raw: Tensor, x: Tensor, params: Params, moments: tuple[Tensor, ...], step: int) -> Params:
+    def _updates(self, raw: Tensor, x: Tensor, params: Params, moments: tuple[Tensor, ...],
+                 velocity: tuple[Tensor, ...], grad: Tensor, step: int) -> Params:
         """Scale the LSTM output (and add the residuals), then cut it into ``params``' shapes."""
         u = raw * self.output_scale
         if self.adam_lr is not None:  # the Adam residual: -eta * m_hat / (sqrt(v_hat) + eps)
             u = u - self.log_adam_lr.exp() * x[0]
         if self.momentum_lr is not None:  # the momentum residual: -eta_m * m_hat
             u = u - self.log_momentum_lr.exp() * (moments[0] / (1.0 - RNNPROP_BETAS[0] ** (step + 1)))
+        if velocity:  # the Nesterov residual: -eta_n * (g + mu * b)
+            u = u - self.log_nesterov_lr.exp() * (grad + self.nesterov_momentum * velocity[0])
         updates: Params = {}
         offset = 0
         for k, p in params.items():
@@ -505,7 +538,7 @@ class LSTMRule(Rule):
     def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
                loss: Tensor | None = None) -> tuple[Params, LSTMState]:
         """One inner step on all coordinates of all tensors at once (see the module docstring)."""
-        x, moments = self._inputs(grads, state, params, step)
+        x, moments, velocity, grad = self._inputs(grads, state, params, step)
         layer_params = [t for pair in zip(self.weights, self.biases) for t in pair]
         if self.fused:
             out = _FusedLSTMStep.apply(x, self.num_layers, *state.hidden, *state.cell, *layer_params,
@@ -513,8 +546,8 @@ class LSTMRule(Rule):
         else:
             out = _reference_step(x, state.hidden, state.cell, layer_params, self.out_weight, self.out_bias)
         L = self.num_layers
-        new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), moments)
-        return self._updates(out[0], x, params, moments, step), new_state
+        new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), moments, velocity)
+        return self._updates(out[0], x, params, moments, velocity, grad, step), new_state
 
     @torch.no_grad()
     def update_(self, grads: Params, state: LSTMState, params: Params, *, step: int,
@@ -527,11 +560,12 @@ class LSTMRule(Rule):
         float32 CPU state, the compiled cell kernel (:mod:`l2o.kernels`) makes it another 1.4x
         faster. State tensors must have the rule's dtype and device (as ``init`` makes them).
         """
-        x, moments = self._inputs(grads, state, params, step)
+        x, moments, velocity, grad = self._inputs(grads, state, params, step)
         for t in (*state.hidden, *state.cell):
             if t.dtype != self.out_weight.dtype or t.device != self.out_weight.device:
                 raise ValueError(f"LSTMRule.update_: state tensors are {t.dtype} on {t.device} but the rule is "
                                  f"{self.out_weight.dtype} on {self.out_weight.device}; convert the state (or use update)")
         raw = _blocked_step_(x, state.hidden, state.cell, list(self.weights), list(self.biases), self.out_weight,
                              self.out_bias, BLOCK_COLUMNS)
-        return self._updates(raw, x, params, moments, step), LSTMState(state.hidden, state.cell, moments)
+        return (self._updates(raw, x, params, moments, velocity, grad, step),
+                LSTMState(state.hidden, state.cell, moments, velocity))
