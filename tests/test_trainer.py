@@ -99,6 +99,33 @@ def test_best_validated_weights_are_returned():
     assert result.best_epoch == result.history["val_epoch"][vals.index(min(vals))]
 
 
+def test_validation_weighs_the_steps_like_the_meta_loss():
+    """validation_loss with weights is the weighted mean of the per-step losses; the trainer's
+    validation with step_weights="linear" reads exactly that (not the unweighted mean)."""
+    from l2o.meta import validation_loss
+    from l2o.meta.trainer import _step_weights
+
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=6).double()
+    family = _f64_family(dim=3, num_functions=8)
+    tasks = sample_tasks(family, 2, seed=3)
+    per_step = [validation_loss(rule, tasks, 10, 100, weights=[float(k == t) for k in range(10)]) for t in range(10)]
+    assert sum(per_step) / 10 == pytest.approx(validation_loss(rule, tasks, 10, 100), rel=1e-12)
+    w = [0.2 * t for t in range(1, 11)]
+    got = validation_loss(rule, tasks, 10, 100, weights=w)
+    assert got == pytest.approx(sum(a * b for a, b in zip(w, per_step)) / sum(w), rel=1e-12)
+    assert got != pytest.approx(validation_loss(rule, tasks, 10, 100), rel=1e-6)
+    for bad, match in (([1.0] * 9, "one entry per inner step"), ([0.0] * 10, "not all zero"),
+                       ([-1.0] + [1.0] * 9, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            validation_loss(rule, tasks, 10, 100, weights=bad)
+    config = MetaTrainConfig(epochs=2, horizon=10, truncation=5, validate_every=1, step_weights="linear")
+    seen = []
+    result = meta_train(rule, family, config, progress=False, callback=seen.append)
+    assert _step_weights(config, 0, 10) == pytest.approx([0.2 * t for t in range(1, 11)])
+    assert result.history["val_loss"] == [m["val_loss"] for m in seen if "val_loss" in m]
+
+
 def test_convergence_on_a_trivial_problem():
     """The paper's code's convergence test: a short meta-training solves ||θ - y||² to 1e-5."""
     torch.manual_seed(0)

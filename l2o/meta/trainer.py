@@ -103,7 +103,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 from torch import Tensor
@@ -150,7 +150,7 @@ class MetaTrainConfig:
         step_weights: the meta-loss weight :math:`w_t` of inner step :math:`t` of the horizon:
             ``"uniform"`` (1, the paper) or ``"linear"`` (:math:`2t/\text{horizon}`, same total
             weight, more of it on late steps), or ``"final"`` (1 on the horizon's last step only:
-            MAML).
+            MAML). Validation weighs the steps the same way.
         meta_split: where the meta-loss reads the losses, ``"train"`` (the batches the rule
             trains on, the paper) or ``"meta"`` (the task's separate split, MAML's query set).
             Validation reads the same split.
@@ -229,18 +229,20 @@ class MetaTrainResult:
 
 @torch.no_grad()
 def validation_loss(rule: Rule, tasks: list[Task], horizon: int, seed: int, *, init: torch.nn.Module | None = None,
-                    final_split: str | None = None) -> float:
-    """The meta-objective on validation tasks, without gradients.
+                    final_split: str | None = None, weights: Sequence[float] | None = None) -> float:
+    r"""The meta-objective on validation tasks, without gradients.
 
     By default the mean over tasks and inner steps 1..horizon of the training loss (the paper's
-    objective). With ``final_split`` (``"train"`` or ``"meta"``), the mean loss of the final
-    params on that split instead (MAML: the query loss after adaptation). ``init`` starts every
-    task from learned initial params (see :func:`start_params`). Non-finite results count as
-    ``inf`` so a diverging rule is never selected.
+    objective); with ``weights`` (one per inner step, e.g. the trainer's ``"linear"`` step
+    weights) the weighted mean :math:`\sum_t w_t f_t / \sum_t w_t` instead. With ``final_split``
+    (``"train"`` or ``"meta"``), the mean loss of the final params on that split instead (MAML:
+    the query loss after adaptation). ``init`` starts every task from learned initial params (see
+    :func:`start_params`). Non-finite results count as ``inf`` so a diverging rule is never
+    selected.
     """
     total = 0.0
     for k, task in enumerate(tasks):
-        value = _validation_value(rule, task, horizon, seed + k, init=init, final_split=final_split)
+        value = _validation_value(rule, task, horizon, seed + k, init=init, final_split=final_split, weights=weights)
         if not math.isfinite(value):
             return math.inf
         total += value
@@ -249,13 +251,20 @@ def validation_loss(rule: Rule, tasks: list[Task], horizon: int, seed: int, *, i
 
 @torch.no_grad()
 def _validation_value(rule: Rule, task: Task, horizon: int, seed: int, *, init: torch.nn.Module | None,
-                      final_split: str | None) -> float:
+                      final_split: str | None, weights: Sequence[float] | None = None) -> float:
     """One validation task's value (see :func:`validation_loss`), its batches drawn from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     inner = init_inner(rule, task, gen, params=start_params(init, task, gen))
     result = unroll(rule, task, inner, steps=horizon, generator=gen, weights=[0.0] * horizon)
     if final_split is None:
-        return float(result.losses.mean())
+        if weights is None:
+            return float(result.losses.mean())
+        if len(weights) != horizon:
+            raise ValueError(f"weights must have one entry per inner step ({horizon}), got {len(weights)}")
+        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+        if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise ValueError("weights must be finite, >= 0 and not all zero")
+        return float((result.losses.double().mean(1) * w.to(result.losses.device)).sum() / w.sum())
     return float(task.loss(result.inner.params, task.sample_batch(final_split, gen)).mean())
 
 
@@ -585,7 +594,7 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                     val = _distributed_validation(dist, rule, val_tasks, config, init=init, final_split=final_split)
                 else:
                     val = validation_loss(rule, [t for _, t in val_tasks], config.horizon, config.seed + 7, init=init,
-                                          final_split=final_split)
+                                          final_split=final_split, weights=_step_weights(config, 0, config.horizon))
                 loop.history["val_epoch"].append(float(epoch + 1))
                 loop.history["val_loss"].append(val)
                 metrics["val_loss"] = val
@@ -662,7 +671,8 @@ def _distributed_validation(dist: _Dist, rule: Rule, tasks: list[tuple[int, Task
     ``k`` with batches from ``seed + 7 + k``, as in one process) and the sums are all-reduced."""
     total = 0.0
     for k, task in tasks:
-        value = _validation_value(rule, task, config.horizon, config.seed + 7 + k, init=init, final_split=final_split)
+        value = _validation_value(rule, task, config.horizon, config.seed + 7 + k, init=init, final_split=final_split,
+                                  weights=_step_weights(config, 0, config.horizon))
         total += value if math.isfinite(value) else math.inf
     buffer = dist.all_reduce(torch.tensor([total], dtype=torch.float64, device=dist.device()), "the validation sum")
     value = float(buffer[0])
