@@ -359,3 +359,22 @@ def test_nesterov_residual_bad_input():
         rule.update({"w": torch.ones(3)}, plain.init(params), params, step=0)
     with pytest.raises(ValueError, match="velocity"):
         plain.update({"w": torch.ones(3)}, rule.init(params), params, step=0)
+
+
+def test_rnnprop_second_order_meta_gradient_is_finite_for_a_zero_gradient_coordinate():
+    """A coordinate whose gradient is exactly 0 (e.g. a weight of an always-black MNIST pixel)
+    must not make the rnnprop moments' derivative 0/0 when the task gradients carry a graph."""
+    rule = _rule(preprocess="rnnprop", hidden_size=5, adam_lr=0.01)
+    theta = _random((4,), 90).requires_grad_(True)
+    mask = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # f ignores the first coordinate
+    params, state, total = {"w": theta}, rule.init({"w": theta}), 0.0
+    for t in range(3):
+        loss = ((params["w"] * mask) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, params["w"], create_graph=True)
+        assert grad[0] == 0
+        updates, state = rule.update({"w": grad}, state, params, step=t)
+        params = {"w": params["w"] + updates["w"]}
+        total = total + ((params["w"] * mask) ** 2).sum()
+    grads = torch.autograd.grad(total, list(rule.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

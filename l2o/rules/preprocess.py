@@ -78,7 +78,12 @@ def rnnprop_inputs(grad: Tensor, m: Tensor, r: Tensor, step: int, betas: tuple[f
     """
     b1, b2 = betas
     m = m * b1 + grad * (1.0 - b1)
-    r = torch.hypot(r * math.sqrt(b2), grad * math.sqrt(1.0 - b2))
+    a, b = r * math.sqrt(b2), grad * math.sqrt(1.0 - b2)
+    # hypot's derivative at (0, 0) is 0/0: where both are zero (a coordinate whose gradient has
+    # always been 0, e.g. a weight of an always-black MNIST pixel) take hypot(1, 0) instead and
+    # select 0, so a second-order meta-gradient stays finite; the values are unchanged
+    origin = (a == 0) & (b == 0)
+    r = torch.where(origin, torch.zeros_like(a), torch.hypot(torch.where(origin, torch.ones_like(a), a), b))
     t = step + 1
     denom = r / math.sqrt(1.0 - b2 ** t) + eps
     x = torch.stack((m / (1.0 - b1 ** t) / denom, grad / denom))
