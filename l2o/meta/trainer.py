@@ -240,18 +240,31 @@ def validation_loss(rule: Rule, tasks: list[Task], horizon: int, seed: int, *, i
     :func:`start_params`). Non-finite results count as ``inf`` so a diverging rule is never
     selected.
     """
+    w = _check_weights(weights, horizon)
     total = 0.0
     for k, task in enumerate(tasks):
-        value = _validation_value(rule, task, horizon, seed + k, init=init, final_split=final_split, weights=weights)
+        value = _validation_value(rule, task, horizon, seed + k, init=init, final_split=final_split, weights=w)
         if not math.isfinite(value):
             return math.inf
         total += value
     return total / len(tasks)
 
 
+def _check_weights(weights: Sequence[float] | None, horizon: int) -> Tensor | None:
+    """Validation step weights as a float64 tensor (``None`` stays ``None``), checked once."""
+    if weights is None:
+        return None
+    if len(weights) != horizon:
+        raise ValueError(f"weights must have one entry per inner step ({horizon}), got {len(weights)}")
+    w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise ValueError("weights must be finite, >= 0 and not all zero")
+    return w
+
+
 @torch.no_grad()
 def _validation_value(rule: Rule, task: Task, horizon: int, seed: int, *, init: torch.nn.Module | None,
-                      final_split: str | None, weights: Sequence[float] | None = None) -> float:
+                      final_split: str | None, weights: Tensor | None = None) -> float:
     """One validation task's value (see :func:`validation_loss`), its batches drawn from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     inner = init_inner(rule, task, gen, params=start_params(init, task, gen))
@@ -259,12 +272,7 @@ def _validation_value(rule: Rule, task: Task, horizon: int, seed: int, *, init: 
     if final_split is None:
         if weights is None:
             return float(result.losses.mean())
-        if len(weights) != horizon:
-            raise ValueError(f"weights must have one entry per inner step ({horizon}), got {len(weights)}")
-        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
-        if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-            raise ValueError("weights must be finite, >= 0 and not all zero")
-        return float((result.losses.double().mean(1) * w.to(result.losses.device)).sum() / w.sum())
+        return float((result.losses.double().mean(1) * weights.to(result.losses.device)).sum() / weights.sum())
     return float(task.loss(result.inner.params, task.sample_batch(final_split, gen)).mean())
 
 
@@ -669,10 +677,11 @@ def _distributed_validation(dist: _Dist, rule: Rule, tasks: list[tuple[int, Task
                             init: torch.nn.Module | None, final_split: str | None) -> float:
     """:func:`validation_loss` with the tasks split over the ranks: each evaluates its share (task
     ``k`` with batches from ``seed + 7 + k``, as in one process) and the sums are all-reduced."""
+    weights = _check_weights(_step_weights(config, 0, config.horizon), config.horizon)
     total = 0.0
     for k, task in tasks:
         value = _validation_value(rule, task, config.horizon, config.seed + 7 + k, init=init, final_split=final_split,
-                                  weights=_step_weights(config, 0, config.horizon))
+                                  weights=weights)
         total += value if math.isfinite(value) else math.inf
     buffer = dist.all_reduce(torch.tensor([total], dtype=torch.float64, device=dist.device()), "the validation sum")
     value = float(buffer[0])

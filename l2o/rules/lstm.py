@@ -403,19 +403,17 @@ class LSTMRule(Rule):
         self.output_scale = check_hyperparameter("output_scale", output_scale, low=0.0, low_inclusive=False)
         self.zero_init_output = check_bool("zero_init_output", zero_init_output)
         self.fused = check_bool("fused", fused)
-        # residual steps on the rnnprop moments; their log step sizes are meta-params
-        for name, value, direction in (("adam_lr", adam_lr, "the Adam direction is its first input"),
-                                       ("momentum_lr", momentum_lr, "the momentum is its running mean of the gradient")):
+        # residual steps; their log step sizes are meta-params. Adam and momentum read the rnnprop
+        # moments (the reason is named when they are missing); Nesterov keeps its own buffer.
+        for name, value, needs_rnnprop in (("adam_lr", adam_lr, "the Adam direction is its first input"),
+                                           ("momentum_lr", momentum_lr, "the momentum is its running mean of the gradient"),
+                                           ("nesterov_lr", nesterov_lr, None)):
             if value is not None:
-                if preprocess != "rnnprop":
-                    raise ValueError(f"{name} needs preprocess='rnnprop' ({direction}), got preprocess={preprocess!r}")
+                if needs_rnnprop and preprocess != "rnnprop":
+                    raise ValueError(f"{name} needs preprocess='rnnprop' ({needs_rnnprop}), got preprocess={preprocess!r}")
                 value = check_hyperparameter(name, value, low=0.0, low_inclusive=False)
                 setattr(self, f"log_{name}", nn.Parameter(torch.tensor(math.log(value))))
             setattr(self, name, value)
-        if nesterov_lr is not None:
-            nesterov_lr = check_hyperparameter("nesterov_lr", nesterov_lr, low=0.0, low_inclusive=False)
-            self.log_nesterov_lr = nn.Parameter(torch.tensor(math.log(nesterov_lr)))
-        self.nesterov_lr = nesterov_lr
         self.nesterov_momentum = check_hyperparameter("nesterov_momentum", nesterov_momentum, low=0.0, high=1.0,
                                                       high_inclusive=False)
         in_features = num_features(preprocess)
@@ -511,7 +509,7 @@ class LSTMRule(Rule):
                              "call rule.init(params) for these params")
         velocity = state.velocity
         if velocity:  # b_t = mu b_{t-1} + g_t
-            velocity = (velocity[0].to(flat.dtype) * self.nesterov_momentum + flat,)
+            velocity = (velocity[0] * self.nesterov_momentum + flat,)
         if self.preprocess == "rnnprop":
             x, m, v = rnnprop_inputs(flat, state.moments[0], state.moments[1], step)
             return x, (m, v), velocity, flat
