@@ -84,6 +84,9 @@ def save_rule(path: str | os.PathLike, rule: Rule, provenance: dict[str, Any] | 
     """
     from . import __version__
 
+    if not isinstance(rule, Rule):
+        order = " (the arguments are save_rule(path, rule))" if isinstance(rule, (str, os.PathLike)) else ""
+        raise TypeError(f"save_rule: rule must be an l2o Rule, got {type(rule).__name__}{order}")
     if rule.name not in RULES:
         raise CheckpointError(f"rule {type(rule).__name__} (name {rule.name!r}) is not registered in l2o.rules.RULES")
     data = {

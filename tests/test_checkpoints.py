@@ -97,6 +97,14 @@ def test_provenance_must_be_plain_data(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_save_rule_names_swapped_arguments(tmp_path):
+    with pytest.raises(TypeError, match=r"save_rule\(path, rule\)"):
+        save_rule(LSTMRule(hidden_size=4), tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="must be an l2o Rule, got Linear"):
+        save_rule(tmp_path / "x.pt", torch.nn.Linear(2, 2))
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_save_replaces_atomically(tmp_path):
     path = save_rule(tmp_path / "r.pt", LSTMRule(hidden_size=4))
     save_rule(path, Adam(lr=0.5))
