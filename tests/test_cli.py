@@ -14,7 +14,10 @@ from l2o.checkpoints import load_checkpoint
 
 
 def _run(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -154,6 +157,20 @@ def test_meta_train_nesterov_residual(tmp_path, capsys):
     code, _, err = _run(capsys, *argv[:-5], "--nesterov-lr", "0.05", "--nesterov-momentum", "1.5",
                         "--out", str(tmp_path / "bad.pt"))
     assert code == 2 and "nesterov_momentum" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_meta_train_rnnprop_betas(tmp_path, capsys):
+    """--rnnprop-betas reaches the rule (and its checkpoint); a malformed pair or a rate outside [0, 1)
+    is a one-line usage error that writes nothing."""
+    ckpt = tmp_path / "adam.pt"
+    argv = ["meta-train", *TINY_TRAIN, "--preprocess", "rnnprop", "--adam-lr", "0.05", "--zero-init-output"]
+    assert _run(capsys, *argv, "--rnnprop-betas", "0.9,0.999", "--out", str(ckpt))[0] == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["rnnprop_betas"] == [0.9, 0.999]
+    for bad, message in (("0.9", "two numbers separated by a comma"), ("0.9,x", "expected a number"),
+                         ("0.9,1.0", "rnnprop_betas[1]")):
+        code, _, err = _run(capsys, *argv, "--rnnprop-betas", bad, "--out", str(tmp_path / "bad.pt"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad.pt").exists()
 
 

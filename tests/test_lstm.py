@@ -343,6 +343,43 @@ def test_nesterov_residual_starts_as_torch_nag_and_learns_its_step_size(preproce
     torch.testing.assert_close(loaded.log_nesterov_lr.detach().double(), rule.log_nesterov_lr.detach().double())
 
 
+def test_adam_residual_with_adam_betas_is_torch_adam(tmp_path):
+    """rnnprop_betas=(0.9, 0.999), adam_lr and a zero output layer: the untrained rule's trajectory
+    is torch.optim.Adam's (default betas and eps) to 1e-12 in float64; the betas survive a checkpoint."""
+    import l2o
+
+    rule = _rule(preprocess="rnnprop", hidden_size=5, adam_lr=0.05, zero_init_output=True, rnnprop_betas=(0.9, 0.999))
+    check_rule(rule)
+    theta = _random((7,), 71)
+    ref = theta.detach().clone().requires_grad_(True)
+    torch_adam = torch.optim.Adam([ref], lr=float(rule.log_adam_lr.detach().double().exp()))
+    params = {"w": theta}
+    state = rule.init(params)
+    for t in range(6):
+        grad = _random((7,), 90 + t) + params["w"].detach() ** 3
+        updates, state = rule.update({"w": grad}, state, params, step=t)
+        params = {"w": params["w"] + updates["w"]}
+        ref.grad = _random((7,), 90 + t) + ref.detach() ** 3
+        torch_adam.step()
+        torch.testing.assert_close(params["w"].detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    loaded = l2o.load_rule(l2o.save_rule(tmp_path / "adam.pt", rule))
+    assert loaded.rnnprop_betas == (0.9, 0.999) and loaded.config()["rnnprop_betas"] == [0.9, 0.999]
+    assert "rnnprop_betas" not in LSTMRule(preprocess="rnnprop").config()  # older checkpoints stay valid
+
+
+def test_rnnprop_betas_bad_input():
+    for bad in ((0.9, 1.0), (-0.1, 0.9), (0.9, float("nan"))):
+        with pytest.raises(ValueError, match=r"rnnprop_betas\[[01]\]"):
+            LSTMRule(preprocess="rnnprop", rnnprop_betas=bad)
+    for bad in (0.9, (0.9,), (0.9, 0.99, 0.999)):
+        with pytest.raises(TypeError, match="rnnprop_betas must be a pair"):
+            LSTMRule(preprocess="rnnprop", rnnprop_betas=bad)
+    with pytest.raises(TypeError, match=r"rnnprop_betas\[1\] must be a number"):
+        LSTMRule(preprocess="rnnprop", rnnprop_betas=(0.9, "0.99"))
+    with pytest.raises(ValueError, match="preprocess='rnnprop'"):
+        LSTMRule(preprocess="log_sign", rnnprop_betas=(0.9, 0.999))
+
+
 def test_nesterov_residual_bad_input():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="nesterov_lr"):

@@ -99,6 +99,15 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
+def float_pair(text: str) -> tuple[float, float]:
+    """``"0.9,0.999"`` -> ``(0.9, 0.999)`` (ranges are checked by whoever uses the pair)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers separated by a comma (e.g. 0.9,0.999), got {text!r}")
+    first, second = (_number(part.strip(), float, math.isfinite, "a number") for part in parts)
+    return first, second
+
+
 def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task family: quadratic or mnist")
     p.add_argument("--dim", type=positive_int, default=10, help="quadratic: dimension d (default 10)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (COMPARE_DEFAULTS, META_TRAIN_DEFAULTS, RULE_DEFAULTS, add_device_arg, add_distributed_args,
-                     add_task_args, compact_history, family_from_args, format_table, mnist_family, nonnegative_float,
+                     add_task_args, compact_history, family_from_args, float_pair, format_table, mnist_family, nonnegative_float,
                      on_device, plot_path, positive_float, positive_int, prepare_run, resolve_device,
                      RuleProgress, save_figure, say, write_outputs)
 
@@ -58,6 +58,10 @@ def add_meta_train_parser(sub: Any) -> None:
                          "--zero-init-output the rule starts as exactly that NAG")
     mt.add_argument("--nesterov-momentum", type=float, default=0.9,
                     help="the momentum of --nesterov-lr, in [0, 1) (default 0.9)")
+    mt.add_argument("--rnnprop-betas", type=float_pair, default=None, metavar="B1,B2",
+                    help="with --preprocess rnnprop: the moment decay rates of its inputs and of the Adam/momentum "
+                         "residuals (default 0.95,0.95, RNNprop's; 0.9,0.999 with --adam-lr and --zero-init-output "
+                         "starts the rule as exactly torch.optim.Adam)")
     mt.add_argument("--step-weights", default=None, choices=["uniform", "linear", "final"],
                     help="meta-loss weight of inner step t: uniform (the paper, default), linear (t / horizon) or final (last step only)")
     order = mt.add_mutually_exclusive_group()
@@ -140,7 +144,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                     preprocess=args.preprocess or defaults["preprocess"],
                     output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output,
                     adam_lr=args.adam_lr, momentum_lr=args.momentum_lr, nesterov_lr=args.nesterov_lr,
-                    nesterov_momentum=args.nesterov_momentum).to(device)
+                    nesterov_momentum=args.nesterov_momentum,
+                    **({} if args.rnnprop_betas is None else {"rnnprop_betas": args.rnnprop_betas})).to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:

@@ -375,6 +375,10 @@ class LSTMRule(Rule):
             ``zero_init_output`` the untrained rule is exactly NAG at that learning rate, and
             meta-training learns its step size and the LSTM's corrections to it.
         nesterov_momentum: the :math:`\mu \in [0, 1)` of ``nesterov_lr`` (default 0.9, fixed).
+        rnnprop_betas: the moment decay rates :math:`(\beta_1, \beta_2)` of the ``rnnprop`` inputs
+            (and so of the Adam and momentum residuals), each in :math:`[0, 1)`; default RNNprop's
+            (0.95, 0.95). ``(0.9, 0.999)`` with ``adam_lr`` and ``zero_init_output`` makes the
+            untrained rule exactly ``torch.optim.Adam`` at ``lr=adam_lr`` (its default betas).
 
     Weights follow ``nn.LSTM``'s initialisation, :math:`\mathcal U(-1/\sqrt H, 1/\sqrt H)`, with
     the forget-gate bias set to 1. Gate order in each ``weight_l`` is (input, forget, output, cell).
@@ -388,7 +392,8 @@ class LSTMRule(Rule):
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: str = "none",
                  preprocess_p: float = 10.0, output_scale: float = 1.0, zero_init_output: bool = False,
                  fused: bool = True, adam_lr: float | None = None, momentum_lr: float | None = None,
-                 nesterov_lr: float | None = None, nesterov_momentum: float = 0.9) -> None:
+                 nesterov_lr: float | None = None, nesterov_momentum: float = 0.9,
+                 rnnprop_betas: Sequence[float] = RNNPROP_BETAS) -> None:
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_layers", num_layers)
@@ -416,6 +421,12 @@ class LSTMRule(Rule):
             setattr(self, name, value)
         self.nesterov_momentum = check_hyperparameter("nesterov_momentum", nesterov_momentum, low=0.0, high=1.0,
                                                       high_inclusive=False)
+        if not isinstance(rnnprop_betas, (tuple, list)) or len(rnnprop_betas) != 2:
+            raise TypeError(f"rnnprop_betas must be a pair (beta1, beta2), got {rnnprop_betas!r}")
+        self.rnnprop_betas = tuple(check_hyperparameter(f"rnnprop_betas[{i}]", b, low=0.0, high=1.0, high_inclusive=False)
+                                   for i, b in enumerate(rnnprop_betas))
+        if self.rnnprop_betas != RNNPROP_BETAS and preprocess != "rnnprop":
+            raise ValueError(f"rnnprop_betas are the moment rates of preprocess='rnnprop', got preprocess={preprocess!r}")
         in_features = num_features(preprocess)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -456,6 +467,7 @@ class LSTMRule(Rule):
             **({} if self.momentum_lr is None else {"momentum_lr": self.momentum_lr}),
             **({} if self.nesterov_lr is None else {"nesterov_lr": self.nesterov_lr,
                                                      "nesterov_momentum": self.nesterov_momentum}),
+            **({} if self.rnnprop_betas == RNNPROP_BETAS else {"rnnprop_betas": list(self.rnnprop_betas)}),
         }
 
     def init(self, params: Params) -> LSTMState:
@@ -511,7 +523,7 @@ class LSTMRule(Rule):
         if velocity:  # b_t = mu b_{t-1} + g_t
             velocity = (velocity[0] * self.nesterov_momentum + flat,)
         if self.preprocess == "rnnprop":
-            x, m, v = rnnprop_inputs(flat, state.moments[0], state.moments[1], step)
+            x, m, v = rnnprop_inputs(flat, state.moments[0], state.moments[1], step, self.rnnprop_betas)
             return x, (m, v), velocity, flat
         return preprocess(flat, self.preprocess, self.preprocess_p), state.moments, velocity, flat
 
@@ -522,7 +534,7 @@ class LSTMRule(Rule):
         if self.adam_lr is not None:  # the Adam residual: -eta * m_hat / (sqrt(v_hat) + eps)
             u = u - self.log_adam_lr.exp() * x[0]
         if self.momentum_lr is not None:  # the momentum residual: -eta_m * m_hat
-            u = u - self.log_momentum_lr.exp() * (moments[0] / (1.0 - RNNPROP_BETAS[0] ** (step + 1)))
+            u = u - self.log_momentum_lr.exp() * (moments[0] / (1.0 - self.rnnprop_betas[0] ** (step + 1)))
         if velocity:  # the Nesterov residual: -eta_n * (g + mu * b)
             u = u - self.log_nesterov_lr.exp() * (grad + self.nesterov_momentum * velocity[0])
         updates: Params = {}
