@@ -107,3 +107,21 @@ def test_argparse_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         run.main(argv)
     assert exc.value.code == 2
+
+
+def test_mnist_drop_in_benchmark_smoke(tmp_path, shared_data_dir):
+    """benchmarks/mnist_drop_in.py runs the shipped rules and Adam through the user-facing loop and
+    writes one finite row per (activation, optimizer)."""
+    out = tmp_path / "drop_in.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mnist_drop_in.py"), "--data", str(shared_data_dir),
+                           "--seeds", "1", "--steps", "3", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    names = {r["optimizer"] for r in rows}
+    assert names == {"adam (lr 0.0316)", "adam (lr 0.0178)", "mnist (lr 1)", "mnist (lr 0.3)", "mnist-paper (lr 1)",
+                     "mnist-paper (lr 0.3)"}
+    assert len(rows) == 2 * len(names) and {r["activation"] for r in rows} == {"sigmoid", "relu"}
+    assert all(len(r["losses"]) == 1 and math.isfinite(r["mean"]) for r in rows)
+    # 3 steps from chance (ln 10 = 2.30): everything but the learned rule at lr 1 on ReLU has learned something
+    assert all(r["mean"] < 2.25 for r in rows if not (r["activation"] == "relu" and r["optimizer"] == "mnist (lr 1)"))
