@@ -62,14 +62,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="directory with the MNIST IDX files (default: $L2O_DATA)")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=PRETRAINED_OR_PATH",
-                        help="a learned rule (default: the shipped mnist and mnist-paper)")
+                        help="a learned rule (default: the shipped mnist, mnist-nag and mnist-paper)")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rules = dict(r.split("=", 1) for r in args.rule) if args.rule else {"mnist": "mnist", "mnist-paper": "mnist-paper"}
+    rules = dict(r.split("=", 1) for r in args.rule) if args.rule else {name: name for name in ("mnist", "mnist-nag", "mnist-paper")}
     data = MNISTData(args.data)
     results = []
     print(f"{'activation':<10} {'optimizer':<24} {'mean':>7}  per seed (test loss after {args.steps} steps)")

@@ -119,9 +119,9 @@ def test_mnist_drop_in_benchmark_smoke(tmp_path, shared_data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     names = {r["optimizer"] for r in rows}
-    assert names == {"adam (lr 0.0316)", "adam (lr 0.0178)", "mnist (lr 1)", "mnist (lr 0.3)", "mnist-paper (lr 1)",
-                     "mnist-paper (lr 0.3)"}
+    assert names == {"adam (lr 0.0316)", "adam (lr 0.0178)", *(f"{rule} (lr {lr})" for rule in ("mnist", "mnist-nag", "mnist-paper")
+                                                               for lr in ("1", "0.3"))}
     assert len(rows) == 2 * len(names) and {r["activation"] for r in rows} == {"sigmoid", "relu"}
     assert all(len(r["losses"]) == 1 and math.isfinite(r["mean"]) for r in rows)
     # 3 steps from chance (ln 10 = 2.30): everything but the learned rule at lr 1 on ReLU has learned something
-    assert all(r["mean"] < 2.25 for r in rows if not (r["activation"] == "relu" and r["optimizer"] == "mnist (lr 1)"))
+    assert all(r["mean"] < 2.25 for r in rows if not (r["activation"] == "relu" and r["optimizer"] == "mnist-nag (lr 1)"))

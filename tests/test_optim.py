@@ -795,7 +795,7 @@ def test_malicious_checkpoint_is_refused_even_with_a_matching_checksum(tiny_inde
 def test_every_shipped_pretrained_rule_loads_and_steps():
     """Every entry of the real index (its checksum checked) loads and takes finite steps."""
     assert pretrained_mod.INDEX_PATH == Path(pretrained_mod.__file__).resolve().parent / "index.json"
-    assert [entry["name"] for entry in l2o.list_pretrained()] == ["quadratic", "mnist", "mnist-paper"]
+    assert [entry["name"] for entry in l2o.list_pretrained()] == ["quadratic", "mnist", "mnist-nag", "mnist-paper"]
     for entry in l2o.list_pretrained():
         rule = l2o.load_pretrained(entry["name"])
         assert rule.name in l2o.RULES
