@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -172,6 +173,18 @@ def test_meta_train_rnnprop_betas(tmp_path, capsys):
         code, _, err = _run(capsys, *argv, "--rnnprop-betas", bad, "--out", str(tmp_path / "bad.pt"))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_threads_default_depends_on_the_task(tmp_path, capsys):
+    """--threads: 1 on quadratics and for --distributed, up to 2 on MNIST; an explicit value wins."""
+    from l2o.cli.common import default_threads
+
+    assert default_threads("quadratic") == 1 and default_threads("mnist", distributed=True) == 1
+    assert default_threads("mnist") == min(2, len(os.sched_getaffinity(0)))
+    for extra, expected in (([], 1), (["--threads", "2"], 2)):
+        ckpt = tmp_path / f"q{len(extra)}.pt"
+        assert _run(capsys, "meta-train", *TINY_TRAIN, *extra, "--out", str(ckpt))[0] == 0
+        assert torch.load(ckpt, weights_only=True)["provenance"]["cpu"]["threads"] == expected
 
 
 def test_evaluate_matches_compare_learned_row(tmp_path, capsys):

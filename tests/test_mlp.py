@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -201,6 +202,9 @@ def test_cli_meta_train_and_compare_on_mnist(shared_data_dir, tmp_path, capsys):
     assert code == 0 and out.exists()
     rule = load_rule(out)
     assert rule.preprocess == "log_sign" and rule.output_scale == 0.1  # the paper's MNIST configuration
+    from l2o.cli.common import default_threads
+    threads = torch.load(out, weights_only=True)["provenance"]["cpu"]["threads"]
+    assert threads == default_threads("mnist") == min(2, len(os.sched_getaffinity(0)))  # MNIST's default
     report_path = tmp_path / "r.json"
     code = main(["compare", "--task", "mnist", "--data", str(shared_data_dir), "--rule", str(out), "--horizon", "3",
                  "--num-tasks", "2", "--num-tuning-tasks", "2", "--num-networks", "2", "--json", str(report_path)])

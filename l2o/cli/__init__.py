@@ -14,7 +14,7 @@ import os
 from typing import Sequence
 
 from .. import __version__
-from .common import Parser, UsageError, leave_distributed, say
+from .common import Parser, UsageError, default_threads, leave_distributed, say
 from .evaluate import add_evaluate_parser, add_list_pretrained_parser, cmd_evaluate, cmd_list_pretrained
 from .learned import add_compare_parser, add_meta_train_parser, cmd_compare, cmd_meta_train, plot_report
 from .maml import add_maml_parser, cmd_maml
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", 0) is None:  # the task commands' default depends on the task
+        args.threads = default_threads(args.task, bool(getattr(args, "distributed", False)))
     return leave_distributed(_run(args))
 
 
