@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 import l2o
-from l2o.checkpoints import load_rule
 from optimizees.mlp import MNISTData
 
 ACTIVATIONS = {"sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU}
@@ -50,11 +49,9 @@ def optimizers(rules: dict[str, str]) -> dict[str, OptimizerFactory]:
     opts: dict[str, OptimizerFactory] = {f"adam (lr {lr})": lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr)
                                          for lr in (0.0316, 0.0178)}
     for name, source in rules.items():
+        where = {"checkpoint": source} if source.endswith(".pt") else {"pretrained": source}
         for lr in (1.0, 0.3):
-            if source.endswith(".pt"):
-                opts[f"{name} (lr {lr:g})"] = lambda ps, s=source, lr=lr: l2o.LearnedOptimizer(ps, rule=load_rule(s), lr=lr)
-            else:
-                opts[f"{name} (lr {lr:g})"] = lambda ps, s=source, lr=lr: l2o.LearnedOptimizer(ps, pretrained=s, lr=lr)
+            opts[f"{name} (lr {lr:g})"] = lambda ps, where=where, lr=lr: l2o.LearnedOptimizer(ps, **where, lr=lr)
     return opts
 
 

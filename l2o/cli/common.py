@@ -48,8 +48,6 @@ def task_families() -> dict[str, Callable[[argparse.Namespace], Any]]:
             "mnist": mnist_family}
 
 
-#: Per-task defaults of the LSTM rule (the paper's: raw gradients on quadratics; log/sign
-#: preprocessing and output x 0.1 on MNIST).
 #: Per-task defaults of the LSTM rule built by ``l2o meta-train``. Quadratics: the paper's raw-gradient
 #: inputs with output scale 0.01 instead of its 1 (0.29x tuned Adam at step 100 against 0.36x, in the
 #: same meta-training time; measured 1 / 0.3 / 0.1 / 0.03 / 0.01: 0.359 / 0.350 / 0.320 / 0.297 / 0.291).

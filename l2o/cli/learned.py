@@ -121,6 +121,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from ..checkpoints import save_rule
     from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
     from ..rules import LSTMRule
+    from ..rules.preprocess import RNNPROP_BETAS
 
     family = family_from_args(args)
     config = MetaTrainConfig(horizon=args.horizon, truncation=args.truncation, seed=args.seed)
@@ -146,7 +147,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                     output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output,
                     adam_lr=args.adam_lr, momentum_lr=args.momentum_lr, nesterov_lr=args.nesterov_lr,
                     nesterov_momentum=args.nesterov_momentum,
-                    **({} if args.rnnprop_betas is None else {"rnnprop_betas": args.rnnprop_betas})).to(device)
+                    rnnprop_betas=args.rnnprop_betas or RNNPROP_BETAS).to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:

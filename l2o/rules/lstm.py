@@ -360,14 +360,14 @@ class LSTMRule(Rule):
             :math:`u_t \mathrel{+}= -\eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)`, whose step
             size :math:`\eta` (initialised to ``adam_lr``, learned as :math:`\log\eta`) is a
             meta-param. With ``zero_init_output`` the untrained rule is Adam (with the ``rnnprop``
-            moments' ``rnnprop_betas``, by default 0.95 and 0.95), and meta-training learns its step size and corrections to it
-            (a residual learned optimizer).
+            moments' ``rnnprop_betas``, by default 0.95 and 0.95), and meta-training learns its
+            step size and corrections to it (a residual learned optimizer).
         momentum_lr: with ``preprocess="rnnprop"``, add a momentum step,
             :math:`u_t \mathrel{+}= -\eta_m \hat m_t` with :math:`\hat m_t = m_t / (1 - \beta_1^t)`
-            the bias-corrected running mean of the gradient (β1 of ``rnnprop_betas``, by default 0.95), i.e. SGD with momentum;
-            :math:`\eta_m` (initialised to ``momentum_lr``) is learned as :math:`\log\eta_m`. With
-            ``zero_init_output`` the untrained rule is momentum SGD and meta-training learns
-            corrections to it. Not invariant to the gradient's scale, unlike the rest of the rule.
+            the bias-corrected running mean of the gradient (β1 of ``rnnprop_betas``, by default
+            0.95), i.e. SGD with momentum; :math:`\eta_m` (initialised to ``momentum_lr``) is
+            learned as :math:`\log\eta_m`. With ``zero_init_output`` the untrained rule is momentum
+            SGD and meta-training learns corrections to it. Not invariant to the gradient's scale, unlike the rest of the rule.
         nesterov_lr: with any inputs, add a Nesterov momentum step (``torch.optim.SGD(nesterov=True)``)
             with its own buffer :math:`b_t = \mu b_{t-1} + g_t` (:math:`b_{-1} = 0`):
             :math:`u_t \mathrel{+}= -\eta_n (g_t + \mu b_t)`, its step size :math:`\eta_n`
