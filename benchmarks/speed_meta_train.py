@@ -9,7 +9,8 @@ in alternation in the same process, after warm-up; the script reports medians an
 
 Each setting runs in its own subprocess because the CPU settings are process-wide:
 ``default`` leaves torch's defaults; ``tuned`` applies :func:`l2o.perf.configure_cpu` (threads,
-denormal flushing, allocator reuse) to both implementations alike.
+denormal flushing, allocator reuse) to both implementations alike. Each runs at every thread count
+of ``--threads`` (default: 1 and the machine's cores), the same for both implementations.
 
     python benchmarks/speed_meta_train.py --json benchmarks/results/speed_meta_train.json
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -116,7 +118,9 @@ def measure(setting: str, threads: int, repeats: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both (default 1)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    parser.add_argument("--threads", default=",".join(str(t) for t in sorted({1, cores})),
+                        help="comma-separated torch intra-op thread counts, each for both (default: 1 and the cores)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="default,tuned", help="comma-separated: default, tuned")
@@ -124,14 +128,15 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.threads, args.repeats, args.warmup)))
+        print(json.dumps(measure(args.child, int(args.threads), args.repeats, args.warmup)))
         return
     rows = []
-    for setting in args.settings.split(","):
-        cmd = [sys.executable, __file__, "--child", setting, "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    for threads in args.threads.split(","):
+        for setting in args.settings.split(","):
+            cmd = [sys.executable, __file__, "--child", setting, "--threads", threads,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"{'setting':8s} {'threads':>7s} {'plain ms':>9s} {'l2o ms':>8s} {'speed-up':>9s}")
     for r in rows:
         print(f"{r['setting']:8s} {r['applied']['threads']:7d} {r['plain_ms']:9.1f} {r['library_ms']:8.1f} {r['speedup']:8.2f}x")

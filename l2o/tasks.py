@@ -4,6 +4,13 @@ A **task** is one optimizee problem instance; a **task family** samples tasks. T
 many independent instances (128 quadratics, 25 sine waves): their ``loss`` then returns one loss
 per instance, the engine differentiates the *sum* (so every instance gets its own exact gradient,
 exactly as if optimised alone) and reports and meta-trains on the *mean*.
+
+A task may also define ``loss_and_grads(params, batch) -> (loss, grads)``: the per-instance loss
+and the gradient of its sum, computed without autograd (e.g. in closed form). The engine then uses
+it for first-order gradients (:func:`l2o.unroll.loss_and_grads`), where it saves the autograd
+graph and backward of every inner step; it must return what autograd would, up to rounding. (A
+subclass that redefines ``loss`` without ``loss_and_grads`` gets autograd, not its parent's
+closed form.)
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ __all__ = [
     "apply_updates",
     "detach",
     "flatten",
+    "split_like",
     "num_elements",
     "is_namedtuple",
     "state_map",
@@ -61,6 +62,17 @@ def flatten(tree: Mapping[str, Tensor]) -> Tensor:
     if len(leaves) == 1:
         return leaves[0]
     return torch.cat(leaves)
+
+
+def split_like(flat: Tensor, tree: Mapping[str, Tensor]) -> Params:
+    """Inverse of :func:`flatten`: cut ``flat`` into ``tree``'s shapes (and dtypes), in its key order."""
+    out: Params = {}
+    offset = 0
+    for k, v in tree.items():
+        size = v.numel()
+        out[k] = flat[offset:offset + size].reshape(v.shape).to(v.dtype)
+        offset += size
+    return out
 
 
 # Rule states are nested NamedTuples, tuples, lists and dicts with tensors (or other values) as

@@ -33,9 +33,9 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .rules.base import Rule, check_positive_int
+from .rules.base import Rule, RuleTape, check_positive_int
 from .tasks import META, TRAIN, Task
-from .tree import Params, apply_updates, detach, state_map
+from .tree import Params, apply_updates, detach, flatten, state_map
 
 __all__ = ["InnerState", "UnrollResult", "OBJECTIVES", "init_inner", "unroll", "truncate", "loss_and_grads"]
 
@@ -90,7 +90,13 @@ def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool
     instead (each instance's gradient divided by its loss); the returned loss is unchanged.
     Without ``create_graph`` the result is detached from any graph that ``params`` carry; with it,
     the gradients are differentiable functions of ``params`` (second-order mode).
+    Without ``create_graph`` and with the task's own ``loss_and_grads`` (see :mod:`l2o.tasks`; not
+    when a subclass redefines ``loss`` below it), that computes the result (no autograd).
     """
+    closed_form = _closed_form(task) if not create_graph and objective == "loss" else None
+    if closed_form is not None:
+        with torch.no_grad():
+            return closed_form({k: v.detach() for k, v in params.items()}, batch)
     with torch.enable_grad():
         if create_graph:
             leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
@@ -106,6 +112,17 @@ def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool
     return loss, out
 
 
+def _closed_form(task: Task) -> Any:
+    """The task's ``loss_and_grads``, unless its class redefines ``loss`` below the class that
+    defines ``loss_and_grads`` (a subclass changing the loss must not inherit its parent's gradient)."""
+    for klass in type(task).__mro__:
+        if "loss_and_grads" in vars(klass):
+            return task.loss_and_grads
+        if "loss" in vars(klass):
+            return None
+    return None
+
+
 def _all_finite(loss: Tensor, grads: Params | None) -> Tensor:
     ok = torch.isfinite(loss).all()
     for g in (grads or {}).values():
@@ -115,7 +132,7 @@ def _all_finite(loss: Tensor, grads: Params | None) -> Tensor:
 
 def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: torch.Generator,
            weights: Sequence[float] | Tensor | None = None, meta_split: str = TRAIN,
-           second_order: bool = False, objective: str = "loss") -> UnrollResult:
+           second_order: bool = False, objective: str = "loss", tape: bool = False) -> UnrollResult:
     """Run ``steps`` inner steps of ``rule`` on ``task`` from ``inner``.
 
     Args:
@@ -131,6 +148,13 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         second_order: differentiate through the task gradients (``create_graph``).
         objective: what each meta-loss term reads, one of :data:`OBJECTIVES` (default ``"loss"``,
             the paper's).
+        tape: for callers that end the truncation here (:func:`truncate` the result, as the
+            meta-trainer does): in first order, when the rule has a :meth:`~l2o.rules.base.Rule.tape`
+            for these steps and ``inner`` carries no graph, run the steps through it. The meta-loss
+            and its gradient are the same (up to float rounding), computed without a per-step
+            graph; the returned ``inner`` carries no graph, so no gradient flows into a later
+            segment through it. Otherwise (second order, params or rule state with a graph, or no
+            tape) this flag changes nothing.
     """
     check_positive_int("steps", steps)
     if objective not in OBJECTIVES:
@@ -150,6 +174,11 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
     else:
         loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
     finite = _all_finite(loss, grads)
+    if tape and not second_order and not any(p.requires_grad for p in params.values()):
+        rule_tape = rule.tape(params, rule_state, steps)
+        if rule_tape is not None:
+            return _unroll_tape(rule_tape, task, inner, loss, grads, finite, steps=steps, generator=generator, w=w,
+                                meta_split=meta_split, objective=objective)
     meta_terms: list[Tensor] = []
     losses: list[Tensor] = []
     for t in range(steps):
@@ -184,6 +213,66 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
     meta_loss = torch.stack(meta_terms).sum() if meta_terms else torch.zeros(())
     new_inner = InnerState(params, rule_state, step, grads, loss)
     return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
+
+
+def _unroll_tape(rule_tape: RuleTape, task: Task, inner: InnerState, loss: Tensor, grads: Params, finite: Tensor, *,
+                 steps: int, generator: torch.Generator, w: list[float], meta_split: str,
+                 objective: str) -> UnrollResult:
+    r""":func:`unroll`'s first-order loop through a :class:`~l2o.rules.base.RuleTape`.
+
+    With :math:`	heta_t = 	heta_0 + \sum_{s \le t} u_s` and the meta-loss terms' gradients
+    :math:`w_t 
+ablaar f(	heta_t)` (computed anyway), the gradient at the update of step
+    :math:`s` is :math:`\partial\mathcal L/\partial u_s = \sum_{t \ge s} w_t 
+ablaar f(	heta_t)`,
+    a reverse cumulative sum; the tape's backward turns those into the meta-gradient.
+    """
+    params, step = inner.params, inner.step
+    values: list[Tensor] = []
+    dtheta: list[Tensor] = []
+    no_term = torch.zeros(sum(g.numel() for g in grads.values()))
+    losses: list[Tensor] = []
+    for t in range(steps):
+        params = apply_updates(params, rule_tape.step(grads, params, step=step, loss=loss))
+        step += 1
+        last_batch = task.sample_batch(TRAIN, generator)
+        loss, grads = loss_and_grads(task, params, last_batch)
+        finite = finite & _all_finite(loss, grads)
+        losses.append(loss.reshape(-1))
+        if w[t] == 0.0:
+            dtheta.append(no_term)
+            continue
+        if meta_split == TRAIN and objective == "loss":
+            m_loss, m_grads = loss, grads
+        else:
+            batch = last_batch if meta_split == TRAIN else task.sample_batch(META, generator)
+            m_loss, m_grads = loss_and_grads(task, params, batch, objective=objective)
+            finite = finite & _all_finite(m_loss, m_grads)
+        value = torch.log(m_loss + LOG_EPS) if objective == "log_loss" else m_loss
+        values.append(w[t] * value.mean())
+        dtheta.append(flatten(m_grads) * (w[t] / value.numel()))
+    du = torch.stack(dtheta).flip(0).cumsum(0).flip(0)
+    meta_value = torch.stack(values).sum() if values else torch.zeros(())
+    meta_loss = _TapeMetaLoss.apply(meta_value, rule_tape, du, *rule_tape.meta_params)
+    new_inner = InnerState(params, rule_tape.state(), step, grads, loss)
+    return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
+
+
+class _TapeMetaLoss(torch.autograd.Function):
+    """The meta-loss value, differentiated by a :class:`~l2o.rules.base.RuleTape`'s backward."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, rule_tape: RuleTape, du: Tensor, *meta_params: Tensor) -> Tensor:
+        ctx.rule_tape, ctx.du = rule_tape, du
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.rule_tape is None:
+            raise RuntimeError("this meta-loss was already backpropagated (its tape is spent)")
+        grads = ctx.rule_tape.backward(ctx.du)
+        ctx.rule_tape = ctx.du = None
+        return (None, None, None, *(None if g is None else g * grad for g in grads))
 
 
 def _surrogate(params: Params, value: Tensor, grads: Params) -> Tensor:

@@ -36,9 +36,10 @@ from torch import Tensor
 
 from ..cache import default_cache_dir
 
-__all__ = ["lstm_cell", "lstm_autograd", "is_available", "set_enabled"]
+__all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "LSTMTape", "TAPE_BLOCK", "is_available", "set_enabled"]
 
-_SOURCE = Path(__file__).with_name("lstm_cell.c")
+#: Compiled as one translation unit, in this order (``lstm_tape.c`` reuses ``lstm_cell.c``'s exp).
+_SOURCES = (Path(__file__).with_name("lstm_cell.c"), Path(__file__).with_name("lstm_tape.c"))
 #: Compiler flag sets tried in order; the first that builds wins. ``-fno-trapping-math`` lets the
 #: compiler vectorise the clamps (it changes no result); OpenMP reuses the runtime torch loaded.
 _FLAG_SETS = (
@@ -133,6 +134,10 @@ class _Kernels(NamedTuple):
     cell: Any
     forward: Any
     backward: Any
+    tape_start: Any
+    tape_forward: Any
+    tape_state: Any
+    tape_backward: Any
 
 
 def _load() -> _Kernels | None:
@@ -142,8 +147,10 @@ def _load() -> _Kernels | None:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
         # the cache key hashes the source, so the library loaded always matches the argtypes below
-        lib = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes())))
-        fns = _Kernels(lib.l2o_lstm_cell_f32, lib.l2o_lstm_forward_f32, lib.l2o_lstm_backward_f32)
+        lib = ctypes.CDLL(str(_build(compiler, b"\n".join(path.read_bytes() for path in _SOURCES))))
+        fns = _Kernels(lib.l2o_lstm_cell_f32, lib.l2o_lstm_forward_f32, lib.l2o_lstm_backward_f32,
+                       lib.l2o_tape_start_f32, lib.l2o_tape_forward_f32, lib.l2o_tape_state_f32,
+                       lib.l2o_tape_backward_f32)
     except (OSError, RuntimeError, AttributeError) as exc:
         if not _warned:
             _warned = True
@@ -154,8 +161,14 @@ def _load() -> _Kernels | None:
     fns.cell.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, f32, i64, i64, i64]
     fns.forward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, i64, i64, i64]
     fns.backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+    dims = [ptr, i64, i64, i64, i64, i64]  # tape, T, F, H, L, n
+    fns.tape_start.argtypes = [*dims, ptr, ptr, i64]
+    fns.tape_forward.argtypes = [*dims, i64, ptr, ptr, ptr, ptr, f32, ptr, i64]
+    fns.tape_state.argtypes = [*dims, i64, ptr, ptr, i64]
+    fns.tape_backward.argtypes = [*dims, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
     for fn in fns:
         fn.restype = None
+    fns.tape_backward.restype = ctypes.c_int
     return fns
 
 
@@ -271,3 +284,75 @@ def lstm_autograd(*tensors: Tensor, threads: int | None = None) -> LSTMAutograd 
     if fns is None:
         return None
     return LSTMAutograd(fns, torch.get_num_threads() if threads is None else threads)
+
+
+#: Coordinates per block of the tape kernel (``TB`` in ``lstm_tape.c``).
+TAPE_BLOCK = 64
+
+
+class LSTMTape:
+    r"""The activations of one truncation of a coordinate-wise LSTM, kept by the compiled tape
+    kernel (``lstm_tape.c``), with its forward step and the truncation's backward.
+
+    ``steps`` steps of an ``L``-layer LSTM of ``H`` units with ``F`` input features on ``n``
+    coordinates (float32, CPU). Call :meth:`start` with the initial state, :meth:`forward` for
+    steps ``1..steps`` in order, then :meth:`state` for the state after any step and
+    :meth:`backward` once for the weight gradients. The weights are passed as one flat tensor,
+    every layer's ``(4H, in_l + H)`` matrix row-major in layer order (:func:`torch.cat` of their
+    ``reshape(-1)``), and the biases as one ``(L * 4H,)`` tensor. The methods check nothing: the
+    caller passes contiguous float32 CPU tensors of the stated shapes.
+    """
+
+    def __init__(self, fns: _Kernels, steps: int, features: int, hidden: int, layers: int, n: int, threads: int,
+                 buffer: Tensor | None = None) -> None:
+        self.fns, self.threads = fns, threads
+        self.dims = (steps, features, hidden, layers, n)
+        blocks = -(-n // TAPE_BLOCK)
+        size = blocks * (steps + 1) * (features + 7 * hidden * layers) * TAPE_BLOCK
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.float32)
+        #: The tape's memory (reusable by a later tape of at most this size: see :func:`lstm_tape`).
+        self.buffer = buffer
+
+    def start(self, h0: Tensor, c0: Tensor) -> None:
+        """The state before step 1: ``h0``, ``c0`` of shape ``(L, H, n)``."""
+        self.fns.tape_start(self.buffer.data_ptr(), *self.dims, h0.data_ptr(), c0.data_ptr(), self.threads)
+
+    def forward(self, step: int, x: Tensor, weight: Tensor, bias: Tensor, out_w: Tensor, out_b: float) -> Tensor:
+        """Step ``step`` (1-based) on the inputs ``x (F, n)``; returns the raw outputs ``u (n,)``."""
+        u = torch.empty(self.dims[-1], dtype=torch.float32)
+        self.fns.tape_forward(self.buffer.data_ptr(), *self.dims, step, x.data_ptr(), weight.data_ptr(),
+                              bias.data_ptr(), out_w.data_ptr(), out_b, u.data_ptr(), self.threads)
+        return u
+
+    def state(self, step: int) -> tuple[Tensor, Tensor]:
+        """The hidden and cell state after step ``step`` (0: the initial state), each ``(L, H, n)``."""
+        _, _, hidden, layers, n = self.dims
+        h, c = (torch.empty(layers, hidden, n, dtype=torch.float32) for _ in range(2))
+        self.fns.tape_state(self.buffer.data_ptr(), *self.dims, step, h.data_ptr(), c.data_ptr(), self.threads)
+        return h, c
+
+    def backward(self, du: Tensor, weight: Tensor, out_w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Given ``du (steps, n)``, the gradient at every step's raw output, the gradients of the
+        flat weights, the biases, the output weight ``(H,)`` and the output bias ``(1,)``."""
+        _, _, hidden, layers, n = self.dims
+        dw, db = torch.empty_like(weight), torch.empty(layers * 4 * hidden, dtype=torch.float32)
+        dout_w, dout_b = torch.empty(hidden, dtype=torch.float32), torch.empty(1, dtype=torch.float32)
+        code = self.fns.tape_backward(self.buffer.data_ptr(), *self.dims, du.data_ptr(), weight.data_ptr(),
+                                      out_w.data_ptr(), dw.data_ptr(), db.data_ptr(), dout_w.data_ptr(),
+                                      dout_b.data_ptr(), self.threads)
+        if code != 0:
+            raise MemoryError("l2o: the LSTM tape backward could not allocate its scratch memory")
+        return dw, db, dout_w, dout_b
+
+
+def lstm_tape(steps: int, features: int, hidden: int, layers: int, n: int, *, threads: int | None = None,
+              buffer: Tensor | None = None) -> LSTMTape | None:
+    """A :class:`LSTMTape` for one truncation, or ``None`` when the kernels are disabled or failed
+    to build. ``buffer`` (a float32 CPU tensor from an earlier tape no longer in use) is reused
+    when it is large enough. Runs on ``threads`` threads (default: ``torch.get_num_threads()``)."""
+    fns = _get()
+    if fns is None:
+        return None
+    return LSTMTape(fns, steps, features, hidden, layers, n, torch.get_num_threads() if threads is None else threads,
+                    buffer)

@@ -536,7 +536,7 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                     slot = loop.slots[0]
                     result = unroll(rule, slot.task, slot.inner, steps=steps, generator=slot.generator,
                                     weights=weights, meta_split=config.meta_split, second_order=config.second_order,
-                                    objective=config.objective)
+                                    objective=config.objective, tape=True)
                     ok = result.finite and bool(torch.isfinite(result.meta_loss))
                     if ok:
                         result.meta_loss.backward()
@@ -548,7 +548,7 @@ def meta_train(rule: Rule, family: TaskFamily, config: MetaTrainConfig | None = 
                     for slot in loop.slots:
                         result = unroll(rule, slot.task, slot.inner, steps=steps, generator=slot.generator,
                                         weights=weights, meta_split=config.meta_split,
-                                        second_order=config.second_order, objective=config.objective)
+                                        second_order=config.second_order, objective=config.objective, tape=True)
                         if not (result.finite and bool(torch.isfinite(result.meta_loss))):
                             bad = True  # the meta-step is skipped: no need to run this rank's other tasks
                             break

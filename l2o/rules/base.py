@@ -15,20 +15,57 @@ backpropagate through any number of inner steps. ``step`` is the number of updat
 allocating new ones; callers that own the state and need no meta-gradient (the drop-in
 :class:`l2o.LearnedOptimizer`) use it. The default just calls ``update``; rules whose state is large
 (the LSTM keeps ``2 L H`` numbers per coordinate) override it with an in-place, blocked version.
+
+``tape`` is an optional fast path for first-order truncated meta-training: a rule may return a
+:class:`RuleTape` that runs the steps of one truncation without autograd and computes the
+meta-gradient of the whole truncation in one backward, from the gradients at its updates (the
+unroll engine computes those; see :func:`l2o.unroll.unroll`'s ``tape``). The default is ``None``:
+the engine then differentiates ``update`` step by step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..tree import Params
 
-__all__ = ["Rule", "check_hyperparameter", "check_positive_int", "check_bool", "check_float_dtype", "check_update_args",
+__all__ = ["Rule", "RuleTape", "check_hyperparameter", "check_positive_int", "check_bool", "check_float_dtype", "check_update_args",
            "check_params"]
+
+
+class RuleTape(Protocol):
+    r"""One truncation of first-order inner steps, run without autograd (see :meth:`Rule.tape`).
+
+    In first-order meta-training the gradients fed to the rule are constants, so the meta-loss
+    :math:`\mathcal L` depends on the meta-params :math:`\Phi` only through the updates
+    :math:`u_1, \dots, u_K` of the truncation, and
+
+    .. math:: \frac{\partial\mathcal L}{\partial\Phi} = \sum_{s=1}^{K}
+              \Big(\frac{\partial u_s}{\partial\Phi}\Big)^{\!\top} \frac{\partial\mathcal L}{\partial u_s}.
+
+    A tape computes the updates (:meth:`step`, once per inner step, in order), keeps what the
+    backward needs, and returns that sum for all steps at once (:meth:`backward`).
+    """
+
+    #: The meta-params the tape differentiates, in the order :meth:`backward` returns their gradients.
+    meta_params: tuple[Tensor, ...]
+
+    def step(self, grads: Params, params: Params, *, step: int, loss: Tensor | None = None) -> Params:
+        """The updates of the next inner step (no graph), like :meth:`Rule.update`'s."""
+        ...
+
+    def state(self) -> Any:
+        """The rule state after the steps taken so far, detached (as :func:`l2o.unroll.truncate` leaves it)."""
+        ...
+
+    def backward(self, du: Tensor) -> Sequence[Tensor | None]:
+        """Given ``du``, ``(steps, N)``: the gradient of the meta-loss at every step's flat update
+        (coordinates in ``params``' order), the gradients of :attr:`meta_params`."""
+        ...
 
 
 class Rule(nn.Module):
@@ -70,6 +107,11 @@ class Rule(nn.Module):
         """Like :meth:`update`, but ``state`` may be overwritten (do not use it afterwards; use the
         returned state). Not differentiable with respect to the meta-params."""
         return self.update(grads, state, params, step=step, loss=loss)
+
+    def tape(self, params: Params, state: Any, steps: int) -> RuleTape | None:
+        """A :class:`RuleTape` for ``steps`` first-order inner steps from ``state`` at ``params``,
+        or ``None`` (the default) when this rule has none for them."""
+        return None
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
         """Keyword arguments that rebuild this rule."""

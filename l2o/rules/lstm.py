@@ -43,9 +43,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from ..tree import Params, flatten, num_elements
-from .base import (Rule, check_bool, check_hyperparameter, check_params, check_positive_int,
+from ..tree import Params, flatten, num_elements, split_like
+from .base import (Rule, RuleTape, check_bool, check_hyperparameter, check_params, check_positive_int,
                    check_update_args)
+from .lstm_tape import LSTMTape, tape_supported
 from .preprocess import PREPROCESSORS, RNNPROP_BETAS, num_features, preprocess, rnnprop_inputs
 
 __all__ = ["LSTMRule", "LSTMState", "MAX_PREPROCESS_P", "BLOCK_COLUMNS"]
@@ -519,31 +520,37 @@ class LSTMRule(Rule):
         if state.hidden[0].shape[1] != n:
             raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but the grads have {n}: "
                              "call rule.init(params) for these params")
-        velocity = state.velocity
+        return (*self._features(flat, state.moments, state.velocity, step), flat)
+
+    def _features(self, flat: Tensor, moments: tuple[Tensor, ...], velocity: tuple[Tensor, ...],
+                  step: int) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The flat gradient -> the inputs ``x (F, N)``, the new moments and Nesterov buffer."""
         if velocity:  # b_t = mu b_{t-1} + g_t
             velocity = (velocity[0] * self.nesterov_momentum + flat,)
         if self.preprocess == "rnnprop":
-            x, m, v = rnnprop_inputs(flat, state.moments[0], state.moments[1], step, self.rnnprop_betas)
-            return x, (m, v), velocity, flat
-        return preprocess(flat, self.preprocess, self.preprocess_p), state.moments, velocity, flat
+            x, m, v = rnnprop_inputs(flat, moments[0], moments[1], step, self.rnnprop_betas)
+            return x, (m, v), velocity
+        return preprocess(flat, self.preprocess, self.preprocess_p), moments, velocity
+
+    def _residuals(self, x: Tensor, moments: tuple[Tensor, ...], velocity: tuple[Tensor, ...], grad: Tensor,
+                   step: int) -> list[tuple[Tensor, Tensor]]:
+        r"""``(log step size, direction d)`` of each residual step, :math:`u \mathrel{-}= e^{\log\eta} d`."""
+        out = []
+        if self.adam_lr is not None:  # the Adam residual: -eta * m_hat / (sqrt(v_hat) + eps)
+            out.append((self.log_adam_lr, x[0]))
+        if self.momentum_lr is not None:  # the momentum residual: -eta_m * m_hat
+            out.append((self.log_momentum_lr, moments[0] / (1.0 - self.rnnprop_betas[0] ** (step + 1))))
+        if velocity:  # the Nesterov residual: -eta_n * (g + mu * b)
+            out.append((self.log_nesterov_lr, grad + self.nesterov_momentum * velocity[0]))
+        return out
 
     def _updates(self, raw: Tensor, x: Tensor, params: Params, moments: tuple[Tensor, ...],
                  velocity: tuple[Tensor, ...], grad: Tensor, step: int) -> Params:
         """Scale the LSTM output (and add the residuals), then cut it into ``params``' shapes."""
         u = raw * self.output_scale
-        if self.adam_lr is not None:  # the Adam residual: -eta * m_hat / (sqrt(v_hat) + eps)
-            u = u - self.log_adam_lr.exp() * x[0]
-        if self.momentum_lr is not None:  # the momentum residual: -eta_m * m_hat
-            u = u - self.log_momentum_lr.exp() * (moments[0] / (1.0 - self.rnnprop_betas[0] ** (step + 1)))
-        if velocity:  # the Nesterov residual: -eta_n * (g + mu * b)
-            u = u - self.log_nesterov_lr.exp() * (grad + self.nesterov_momentum * velocity[0])
-        updates: Params = {}
-        offset = 0
-        for k, p in params.items():
-            size = p.numel()
-            updates[k] = u[offset:offset + size].reshape(p.shape).to(p.dtype)
-            offset += size
-        return updates
+        for log_lr, direction in self._residuals(x, moments, velocity, grad, step):
+            u = u - log_lr.exp() * direction
+        return split_like(u, params)
 
     def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
                loss: Tensor | None = None) -> tuple[Params, LSTMState]:
@@ -558,6 +565,22 @@ class LSTMRule(Rule):
         L = self.num_layers
         new_state = LSTMState(tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), moments, velocity)
         return self._updates(out[0], x, params, moments, velocity, grad, step), new_state
+
+    def tape(self, params: Params, state: LSTMState, steps: int) -> RuleTape | None:
+        """A :class:`~l2o.rules.lstm_tape.LSTMTape` for ``steps`` first-order steps (one kernel call per
+        step, one for the truncation's backward), or ``None`` where the compiled kernels do not
+        serve this rule and state: ``fused=False``, not float32 on the CPU, a state carrying a
+        graph, or no kernels (see :mod:`l2o.kernels`)."""
+        check_params(params, rule="LSTMRule")
+        check_positive_int("steps", steps)
+        self._check_state(state)
+        n = num_elements(params)
+        if state.hidden[0].shape[1] != n:
+            raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but params have {n}: "
+                             "call rule.init(params) for these params")
+        if not tape_supported(self, state, params):
+            return None
+        return LSTMTape(self, state, steps, n)
 
     @torch.no_grad()
     def update_(self, grads: Params, state: LSTMState, params: Params, *, step: int,
