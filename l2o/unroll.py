@@ -202,17 +202,25 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
             term = torch.log(m_loss + LOG_EPS).mean() if objective == "log_loss" else m_loss.mean()
             meta_terms.append(w[t] * term)
             continue
-        if meta_split == TRAIN and objective == "loss":
-            m_loss, m_grads = loss, grads
-        else:
-            batch = last_batch if meta_split == TRAIN else task.sample_batch(META, generator)
-            m_loss, m_grads = loss_and_grads(task, params, batch, objective=objective)
-            finite = finite & _all_finite(m_loss, m_grads)
-        value = torch.log(m_loss + LOG_EPS) if objective == "log_loss" else m_loss
+        value, m_grads, finite = _first_order_term(task, params, loss, grads, last_batch, finite, generator=generator,
+                                                   meta_split=meta_split, objective=objective)
         meta_terms.append(w[t] * _surrogate(params, value, m_grads))
     meta_loss = torch.stack(meta_terms).sum() if meta_terms else torch.zeros(())
     new_inner = InnerState(params, rule_state, step, grads, loss)
     return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
+
+
+def _first_order_term(task: Task, params: Params, loss: Tensor, grads: Params, last_batch: Any, finite: Tensor, *,
+                      generator: torch.Generator, meta_split: str, objective: str) -> tuple[Tensor, Params, Tensor]:
+    """What a first-order meta-loss term reads at ``params``: the per-instance values, the gradient
+    of their sum, and the finiteness flag updated (the training loss and gradients are reused when
+    the term reads them)."""
+    if meta_split == TRAIN and objective == "loss":
+        return loss, grads, finite
+    batch = last_batch if meta_split == TRAIN else task.sample_batch(META, generator)
+    m_loss, m_grads = loss_and_grads(task, params, batch, objective=objective)
+    value = torch.log(m_loss + LOG_EPS) if objective == "log_loss" else m_loss
+    return value, m_grads, finite & _all_finite(m_loss, m_grads)
 
 
 def _unroll_tape(rule_tape: RuleTape, task: Task, inner: InnerState, loss: Tensor, grads: Params, finite: Tensor, *,
@@ -220,11 +228,9 @@ def _unroll_tape(rule_tape: RuleTape, task: Task, inner: InnerState, loss: Tenso
                  objective: str) -> UnrollResult:
     r""":func:`unroll`'s first-order loop through a :class:`~l2o.rules.base.RuleTape`.
 
-    With :math:`	heta_t = 	heta_0 + \sum_{s \le t} u_s` and the meta-loss terms' gradients
-    :math:`w_t 
-ablaar f(	heta_t)` (computed anyway), the gradient at the update of step
-    :math:`s` is :math:`\partial\mathcal L/\partial u_s = \sum_{t \ge s} w_t 
-ablaar f(	heta_t)`,
+    With :math:`\theta_t = \theta_0 + \sum_{s \le t} u_s` and the meta-loss terms' gradients
+    :math:`w_t \nabla\bar f(\theta_t)` (computed anyway), the gradient at the update of step
+    :math:`s` is :math:`\partial\mathcal L/\partial u_s = \sum_{t \ge s} w_t \nabla\bar f(\theta_t)`,
     a reverse cumulative sum; the tape's backward turns those into the meta-gradient.
     """
     params, step = inner.params, inner.step
@@ -242,13 +248,8 @@ ablaar f(	heta_t)`,
         if w[t] == 0.0:
             dtheta.append(no_term)
             continue
-        if meta_split == TRAIN and objective == "loss":
-            m_loss, m_grads = loss, grads
-        else:
-            batch = last_batch if meta_split == TRAIN else task.sample_batch(META, generator)
-            m_loss, m_grads = loss_and_grads(task, params, batch, objective=objective)
-            finite = finite & _all_finite(m_loss, m_grads)
-        value = torch.log(m_loss + LOG_EPS) if objective == "log_loss" else m_loss
+        value, m_grads, finite = _first_order_term(task, params, loss, grads, last_batch, finite, generator=generator,
+                                                   meta_split=meta_split, objective=objective)
         values.append(w[t] * value.mean())
         dtheta.append(flatten(m_grads) * (w[t] / value.numel()))
     du = torch.stack(dtheta).flip(0).cumsum(0).flip(0)
