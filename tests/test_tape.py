@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import l2o
 from l2o import kernels
 from l2o.rules import LSTMRule
 from l2o.rules.lstm import _reference_step
