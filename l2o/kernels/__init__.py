@@ -1,15 +1,21 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler.
 
-One source file, ``lstm_cell.c``: the elementwise half of a coordinate-wise LSTM layer (four gate
-sigmoids, the cell and hidden update: one pass over the block instead of about a dozen torch
-kernels), in two forms. :func:`lstm_cell` updates the state in place (what
-:meth:`l2o.LSTMRule.update_`, and so ``LearnedOptimizer.step()``, runs); :func:`lstm_autograd` is a
-forward that keeps the activations and its backward (what the LSTM rule's fused autograd step runs
-in meta-training). Both serve float32 state on the CPU; everything else (float64, CUDA) runs the
-torch implementation, which computes the same math and is what the tests compare the kernels
-against.
+Two source files, compiled together:
 
-The source is compiled once per machine into the ``kernels`` folder of the cache directory
+* ``lstm_cell.c``: the elementwise half of a coordinate-wise LSTM layer (four gate sigmoids, the
+  cell and hidden update: one pass over the block instead of about a dozen torch kernels), in two
+  forms. :func:`lstm_cell` updates the state in place (what :meth:`l2o.LSTMRule.update_`, and so
+  ``LearnedOptimizer.step()``, runs); :func:`lstm_autograd` is a forward that keeps the
+  activations and its backward (what the LSTM rule's fused autograd step runs: second-order
+  meta-training, and ``update`` outside a tape).
+* ``lstm_tape.c``: whole steps of the LSTM, matrix products included, keeping a truncation's
+  activations, and the truncation's backward in one call (:func:`lstm_tape`, what
+  first-order meta-training runs through :meth:`l2o.LSTMRule.tape`).
+
+All serve float32 state on the CPU; everything else (float64, CUDA) runs the torch
+implementation, which computes the same math and is what the tests compare the kernels against.
+
+The sources are compiled once per machine into the ``kernels`` folder of the cache directory
 (``$L2O_CACHE``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o``; a temporary folder if that is
 not writable) and loaded with :mod:`ctypes`; no torch headers, so building takes well
 under a second. The compiler is ``$CC`` if set, else ``cc``, ``gcc`` or ``clang`` from ``PATH``.
@@ -36,7 +42,7 @@ from torch import Tensor
 
 from ..cache import default_cache_dir
 
-__all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "LSTMTape", "TAPE_BLOCK", "is_available", "set_enabled"]
+__all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "TapeKernel", "TAPE_BLOCK", "is_available", "set_enabled"]
 
 #: Compiled as one translation unit, in this order (``lstm_tape.c`` reuses ``lstm_cell.c``'s exp).
 _SOURCES = (Path(__file__).with_name("lstm_cell.c"), Path(__file__).with_name("lstm_tape.c"))
@@ -290,7 +296,7 @@ def lstm_autograd(*tensors: Tensor, threads: int | None = None) -> LSTMAutograd 
 TAPE_BLOCK = 64
 
 
-class LSTMTape:
+class TapeKernel:
     r"""The activations of one truncation of a coordinate-wise LSTM, kept by the compiled tape
     kernel (``lstm_tape.c``), with its forward step and the truncation's backward.
 
@@ -347,12 +353,12 @@ class LSTMTape:
 
 
 def lstm_tape(steps: int, features: int, hidden: int, layers: int, n: int, *, threads: int | None = None,
-              buffer: Tensor | None = None) -> LSTMTape | None:
-    """A :class:`LSTMTape` for one truncation, or ``None`` when the kernels are disabled or failed
+              buffer: Tensor | None = None) -> TapeKernel | None:
+    """A :class:`TapeKernel` for one truncation, or ``None`` when the kernels are disabled or failed
     to build. ``buffer`` (a float32 CPU tensor from an earlier tape no longer in use) is reused
     when it is large enough. Runs on ``threads`` threads (default: ``torch.get_num_threads()``)."""
     fns = _get()
     if fns is None:
         return None
-    return LSTMTape(fns, steps, features, hidden, layers, n, torch.get_num_threads() if threads is None else threads,
+    return TapeKernel(fns, steps, features, hidden, layers, n, torch.get_num_threads() if threads is None else threads,
                     buffer)

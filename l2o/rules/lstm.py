@@ -31,6 +31,10 @@ that a block's gate tensor stays in cache and nothing of the size of the whole g
 (``4H x N``: 340 MB for a 1M-parameter model) is ever allocated. For float32 CPU state the gate
 math after each block's matrix product runs in one pass of the compiled kernel of
 :mod:`l2o.kernels` (the same math; the torch path runs where it is unavailable).
+
+:meth:`LSTMRule.tape` (what first-order meta-training runs, through ``l2o.unroll(..., tape=True)``)
+runs a whole truncation in the compiled tape kernel, without a graph per step; see
+:mod:`l2o.rules.lstm_tape`.
 """
 
 from __future__ import annotations
@@ -484,8 +488,9 @@ class LSTMRule(Rule):
         velocity = () if self.nesterov_lr is None else (torch.zeros(n, dtype=ref.dtype, device=ref.device),)
         return LSTMState(zeros[: self.num_layers], zeros[self.num_layers:], moments, velocity)
 
-    def _check_state(self, state: Any) -> None:
-        """``state`` must be an :class:`LSTMState` of this rule's layers and hidden size."""
+    def _check_state(self, state: Any, n: int, what: str) -> None:
+        """``state`` must be an :class:`LSTMState` of this rule's layers and hidden size, for the
+        ``n`` coordinates of ``what`` (named in the error)."""
         if not isinstance(state, LSTMState):
             raise TypeError(f"LSTMRule.update: state must be the LSTMState that rule.init(params) returned, "
                             f"got {type(state).__name__}")
@@ -506,6 +511,9 @@ class LSTMRule(Rule):
                 and state.velocity[0].shape == (layers[0].shape[1],))):
             raise ValueError("LSTMRule.update: state.velocity must hold the Nesterov buffer exactly when the rule has "
                              "nesterov_lr; call rule.init(params) with this rule")
+        if layers[0].shape[1] != n:
+            raise ValueError(f"LSTM state has {layers[0].shape[1]} coordinates but the {what} have {n}: "
+                             "call rule.init(params) for these params")
 
     def _inputs(self, grads: Params, state: LSTMState, params: Params,
                 step: int) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
@@ -514,12 +522,8 @@ class LSTMRule(Rule):
         check_update_args(grads, params, step, rule="LSTMRule")
         if not params:
             raise ValueError("LSTMRule.update: params is empty; pass at least one tensor")
-        self._check_state(state)
         flat = flatten(grads).to(self.out_weight.dtype)
-        n = flat.shape[0]
-        if state.hidden[0].shape[1] != n:
-            raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but the grads have {n}: "
-                             "call rule.init(params) for these params")
+        self._check_state(state, flat.shape[0], "grads")
         return (*self._features(flat, state.moments, state.velocity, step), flat)
 
     def _features(self, flat: Tensor, moments: tuple[Tensor, ...], velocity: tuple[Tensor, ...],
@@ -573,11 +577,8 @@ class LSTMRule(Rule):
         graph, or no kernels (see :mod:`l2o.kernels`)."""
         check_params(params, rule="LSTMRule")
         check_positive_int("steps", steps)
-        self._check_state(state)
         n = num_elements(params)
-        if state.hidden[0].shape[1] != n:
-            raise ValueError(f"LSTM state has {state.hidden[0].shape[1]} coordinates but params have {n}: "
-                             "call rule.init(params) for these params")
+        self._check_state(state, n, "params")
         if not tape_supported(self, state, params):
             return None
         return LSTMTape(self, state, steps, n)

@@ -75,11 +75,14 @@ class LSTMTape:
             kernel.start(torch.stack(state.hidden), torch.stack(state.cell))
         self.moments, self.velocity = state.moments, state.velocity
         self.done = 0
-        self.log_lrs = [getattr(rule, f"log_{name}") for name in ("adam_lr", "momentum_lr", "nesterov_lr")
-                        if getattr(rule, name) is not None]  # the order of rule._residuals
-        self.directions: list[list[Tensor]] = []
-        self.meta_params: tuple[Tensor, ...] = (*rule.weights, *rule.biases, rule.out_weight, rule.out_bias,
-                                                *self.log_lrs)
+        self.log_lrs: list[Tensor] = []  # the residual steps' log step sizes, as rule._residuals lists them
+        self.directions: list[list[Tensor]] = []  # per step, their directions
+
+    @property
+    def meta_params(self) -> tuple[Tensor, ...]:
+        """The LSTM's weights, biases, output layer and the residual steps' log step sizes."""
+        rule = self.rule
+        return (*rule.weights, *rule.biases, rule.out_weight, rule.out_bias, *self.log_lrs)
 
     @torch.no_grad()
     def step(self, grads: Params, params: Params, *, step: int, loss: Tensor | None = None) -> Params:
@@ -97,6 +100,7 @@ class LSTMTape:
         residuals = rule._residuals(x, self.moments, self.velocity, flat, step)
         for log_lr, direction in residuals:
             u.sub_(direction, alpha=float(log_lr.exp()))
+        self.log_lrs = [log_lr for log_lr, _ in residuals]
         self.directions.append([d for _, d in residuals])
         return split_like(u, params)
 
@@ -116,11 +120,8 @@ class LSTMTape:
         dw, db, dout_w, dout_b = self.kernel.backward(du * rule.output_scale, self.weight, self.out_w)
         _give_buffer(self.kernel.buffer)
         del self.kernel
-        grads: list[Tensor | None] = []
-        offset = 0
-        for w in rule.weights:
-            grads.append(dw[offset:offset + w.numel()].view(w.shape))
-            offset += w.numel()
+        grads: list[Tensor | None] = [g.view(w.shape) for g, w in zip(dw.split([w.numel() for w in rule.weights]),
+                                                                     rule.weights)]
         grads.extend(db.split(4 * H))
         grads += [dout_w.view(1, H), dout_b]
         for r, log_lr in enumerate(self.log_lrs):
