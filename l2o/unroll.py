@@ -149,12 +149,12 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         objective: what each meta-loss term reads, one of :data:`OBJECTIVES` (default ``"loss"``,
             the paper's).
         tape: for callers that end the truncation here (:func:`truncate` the result, as the
-            meta-trainer does): in first order, when the rule has a :meth:`~l2o.rules.base.Rule.tape`
-            for these steps and ``inner`` carries no graph, run the steps through it. The meta-loss
-            and its gradient are the same (up to float rounding), computed without a per-step
-            graph; the returned ``inner`` carries no graph, so no gradient flows into a later
-            segment through it. Otherwise (second order, params or rule state with a graph, or no
-            tape) this flag changes nothing.
+            meta-trainer does): in first order, when ``inner`` carries no graph, ask the rule for a
+            :meth:`~l2o.rules.base.Rule.tape` of these steps and, when it has one, take the steps
+            through it. The meta-loss and its gradient are the same (up to float rounding),
+            computed without a per-step graph; the returned ``inner`` carries no graph, so no
+            gradient flows into a later segment through it. Otherwise (second order, params or
+            rule state with a graph, or a rule without a tape) this flag changes nothing.
     """
     check_positive_int("steps", steps)
     if objective not in OBJECTIVES:
@@ -174,15 +174,13 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
     else:
         loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
     finite = _all_finite(loss, grads)
+    rule_tape = None
     if tape and not second_order and not any(p.requires_grad for p in params.values()):
         rule_tape = rule.tape(params, rule_state, steps)
-        if rule_tape is not None:
-            return _unroll_tape(rule_tape, task, inner, loss, grads, finite, steps=steps, generator=generator, w=w,
-                                meta_split=meta_split, objective=objective)
-    meta_terms: list[Tensor] = []
+    terms: _MetaTerms = _GraphTerms(rule) if rule_tape is None else _TapeTerms(rule_tape, grads)
     losses: list[Tensor] = []
     for t in range(steps):
-        updates, rule_state = rule.update(grads, rule_state, params, step=step, loss=loss)
+        updates, rule_state = terms.update(grads, rule_state, params, step=step, loss=loss)
         params = apply_updates(params, updates)
         step += 1
         last_batch = task.sample_batch(TRAIN, generator)
@@ -196,18 +194,16 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
         finite = finite & _all_finite(loss, grads)
         losses.append(loss.detach().reshape(-1))
         if w[t] == 0.0:
-            continue
-        if second_order:
+            terms.skip()
+        elif second_order:
             m_loss = loss if meta_split == TRAIN else task.loss(params, task.sample_batch(META, generator))
-            term = torch.log(m_loss + LOG_EPS).mean() if objective == "log_loss" else m_loss.mean()
-            meta_terms.append(w[t] * term)
-            continue
-        value, m_grads, finite = _first_order_term(task, params, loss, grads, last_batch, finite, generator=generator,
-                                                   meta_split=meta_split, objective=objective)
-        meta_terms.append(w[t] * _surrogate(params, value, m_grads))
-    meta_loss = torch.stack(meta_terms).sum() if meta_terms else torch.zeros(())
-    new_inner = InnerState(params, rule_state, step, grads, loss)
-    return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
+            terms.add_loss(w[t] * (torch.log(m_loss + LOG_EPS).mean() if objective == "log_loss" else m_loss.mean()))
+        else:
+            value, m_grads, finite = _first_order_term(task, params, loss, grads, last_batch, finite,
+                                                       generator=generator, meta_split=meta_split, objective=objective)
+            terms.add(w[t], params, value, m_grads)
+    new_inner = InnerState(params, terms.state(rule_state), step, grads, loss)
+    return UnrollResult(terms.meta_loss(), torch.stack(losses), new_inner, bool(finite))
 
 
 def _first_order_term(task: Task, params: Params, loss: Tensor, grads: Params, last_batch: Any, finite: Tensor, *,
@@ -223,40 +219,98 @@ def _first_order_term(task: Task, params: Params, loss: Tensor, grads: Params, l
     return value, m_grads, finite & _all_finite(m_loss, m_grads)
 
 
-def _unroll_tape(rule_tape: RuleTape, task: Task, inner: InnerState, loss: Tensor, grads: Params, finite: Tensor, *,
-                 steps: int, generator: torch.Generator, w: list[float], meta_split: str,
-                 objective: str) -> UnrollResult:
-    r""":func:`unroll`'s first-order loop through a :class:`~l2o.rules.base.RuleTape`.
+class _MetaTerms:
+    """How :func:`unroll`'s loop takes its steps and builds the meta-loss from its terms: through
+    autograd (:class:`_GraphTerms`) or through a rule's tape (:class:`_TapeTerms`)."""
 
-    With :math:`\theta_t = \theta_0 + \sum_{s \le t} u_s` and the meta-loss terms' gradients
+    def update(self, grads: Params, state: Any, params: Params, *, step: int,
+               loss: Tensor | None) -> tuple[Params, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def skip(self) -> None:
+        """A step with meta-loss weight 0."""
+
+    def add(self, weight: float, params: Params, value: Tensor, grads: Params) -> None:  # pragma: no cover
+        """A first-order term: ``weight * value.mean()`` at ``params``, whose gradient in the params is
+        ``weight * grads / value.numel()`` (``grads`` is the gradient of ``value.sum()``)."""
+        raise NotImplementedError
+
+    def add_loss(self, term: Tensor) -> None:  # pragma: no cover - abstract
+        """A second-order term, differentiable as it is."""
+        raise NotImplementedError
+
+    def meta_loss(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state(self, state: Any) -> Any:
+        """The rule state after the last step (``state`` is what the loop's updates returned)."""
+        return state
+
+
+class _GraphTerms(_MetaTerms):
+    r"""Steps by ``rule.update``; the meta-loss is the sum of the terms, differentiated by autograd.
+
+    A first-order term is the surrogate of the module docstring: value :math:`w\,ar v`, gradient
+    :math:`w\,
+ablaar v` flowing through the params only.
+    """
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.terms: list[Tensor] = []
+
+    def update(self, grads: Params, state: Any, params: Params, *, step: int,
+               loss: Tensor | None) -> tuple[Params, Any]:
+        return self.rule.update(grads, state, params, step=step, loss=loss)
+
+    def add(self, weight: float, params: Params, value: Tensor, grads: Params) -> None:
+        n = value.numel()
+        lin = sum((p * g.detach()).sum() for p, g in zip(params.values(), grads.values())) / n
+        self.terms.append(weight * (value.detach().mean() + (lin - lin.detach())))
+
+    def add_loss(self, term: Tensor) -> None:
+        self.terms.append(term)
+
+    def meta_loss(self) -> Tensor:
+        return torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+
+
+class _TapeTerms(_MetaTerms):
+    r"""Steps by a :class:`~l2o.rules.base.RuleTape`; the meta-loss is one autograd node.
+
+    With :math:`\theta_t = \theta_0 + \sum_{s \le t} u_s` and the terms' gradients
     :math:`w_t \nabla\bar f(\theta_t)` (computed anyway), the gradient at the update of step
     :math:`s` is :math:`\partial\mathcal L/\partial u_s = \sum_{t \ge s} w_t \nabla\bar f(\theta_t)`,
     a reverse cumulative sum; the tape's backward turns those into the meta-gradient.
     """
-    params, step = inner.params, inner.step
-    values: list[Tensor] = []
-    dtheta: list[Tensor] = []
-    no_term = torch.zeros(sum(g.numel() for g in grads.values()))
-    losses: list[Tensor] = []
-    for t in range(steps):
-        params = apply_updates(params, rule_tape.step(grads, params, step=step, loss=loss))
-        step += 1
-        last_batch = task.sample_batch(TRAIN, generator)
-        loss, grads = loss_and_grads(task, params, last_batch)
-        finite = finite & _all_finite(loss, grads)
-        losses.append(loss.reshape(-1))
-        if w[t] == 0.0:
-            dtheta.append(no_term)
-            continue
-        value, m_grads, finite = _first_order_term(task, params, loss, grads, last_batch, finite, generator=generator,
-                                                   meta_split=meta_split, objective=objective)
-        values.append(w[t] * value.mean())
-        dtheta.append(flatten(m_grads) * (w[t] / value.numel()))
-    du = torch.stack(dtheta).flip(0).cumsum(0).flip(0)
-    meta_value = torch.stack(values).sum() if values else torch.zeros(())
-    meta_loss = _TapeMetaLoss.apply(meta_value, rule_tape, du, *rule_tape.meta_params)
-    new_inner = InnerState(params, rule_tape.state(), step, grads, loss)
-    return UnrollResult(meta_loss, torch.stack(losses), new_inner, bool(finite))
+
+    def __init__(self, rule_tape: RuleTape, grads: Params) -> None:
+        self.tape = rule_tape
+        self.values: list[Tensor] = []
+        self.dtheta: list[Tensor] = []
+        self.no_term = torch.zeros(sum(g.numel() for g in grads.values()))
+
+    def update(self, grads: Params, state: Any, params: Params, *, step: int,
+               loss: Tensor | None) -> tuple[Params, Any]:
+        return self.tape.step(grads, params, step=step, loss=loss), state
+
+    def skip(self) -> None:
+        self.dtheta.append(self.no_term)
+
+    def add(self, weight: float, params: Params, value: Tensor, grads: Params) -> None:
+        self.values.append(weight * value.mean())
+        self.dtheta.append(flatten(grads) * (weight / value.numel()))
+
+    def add_loss(self, term: Tensor) -> None:  # pragma: no cover - tapes run first order only
+        raise RuntimeError("a rule tape runs first-order steps only")
+
+    def meta_loss(self) -> Tensor:
+        du = torch.stack(self.dtheta).flip(0).cumsum(0).flip(0)
+        value = torch.stack(self.values).sum() if self.values else torch.zeros(())
+        return _TapeMetaLoss.apply(value, self.tape, du, *self.tape.meta_params)
+
+    def state(self, state: Any) -> Any:
+        return self.tape.state()
 
 
 class _TapeMetaLoss(torch.autograd.Function):
@@ -274,16 +328,6 @@ class _TapeMetaLoss(torch.autograd.Function):
         grads = ctx.rule_tape.backward(ctx.du)
         ctx.rule_tape = ctx.du = None
         return (None, None, None, *(None if g is None else g * grad for g in grads))
-
-
-def _surrogate(params: Params, value: Tensor, grads: Params) -> Tensor:
-    r"""Value ``value.mean()``; gradient ``grads / B`` flowing through ``params`` only.
-
-    ``grads`` must be the gradient of ``value.sum()`` with respect to ``params``.
-    """
-    n = value.numel()
-    lin = sum((p * g.detach()).sum() for p, g in zip(params.values(), grads.values())) / n
-    return value.detach().mean() + (lin - lin.detach())
 
 
 def truncate(inner: InnerState) -> InnerState:
