@@ -117,7 +117,7 @@ def worker(args: argparse.Namespace) -> None:
                "all_reduce_ms": reduce_ms, "meta_params": sum(p.numel() for p in meta_params), "cpu": cpu}
         Path(args.result).write_text(json.dumps(out, indent=1))
     if distributed:
-        from l2o.meta.trainer import end_distributed_process
+        from l2o.meta.distributed import end_distributed_process
 
         dist.destroy_process_group()
         end_distributed_process(0)  # skip interpreter finalisation (a gloo teardown race aborts it)

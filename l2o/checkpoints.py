@@ -21,9 +21,9 @@ expected.
 
     {
         "format": "l2o.training_state",
-        "format_version": 1,
+        "format_version": 2,
         "trainer": "meta_train",        # the trainer that wrote it (and alone may resume it)
-        ...                             # the trainer's own keys (see l2o.meta.trainer)
+        ...                             # the trainer's own keys (see l2o.meta.training_state)
     }
 
 read by :func:`load_training_state` with ``weights_only=True`` as well. Every file is written by
@@ -68,7 +68,7 @@ FORMAT = "l2o.rule"
 FORMAT_VERSION = 1
 #: ``format`` / ``format_version`` of a training-state file (see the module docstring).
 TRAINING_STATE_FORMAT = "l2o.training_state"
-TRAINING_STATE_VERSION = 1
+TRAINING_STATE_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -325,8 +325,10 @@ def validate_training_state(data: Any, source: str = "training state", trainer: 
                               f"{TRAINING_STATE_FORMAT!r}, found {found}")
     version = data.get("format_version")
     if version != TRAINING_STATE_VERSION:
+        older = (" (written by l2o 0.1.0, whose runs drew a single task from one shared stream: resume it with "
+                 "that version, or start the run again)" if version == 1 else "")
         raise CheckpointError(f"{source} has training-state format_version {version!r}; this l2o reads "
-                              f"format_version {TRAINING_STATE_VERSION}")
+                              f"format_version {TRAINING_STATE_VERSION}{older}")
     if not isinstance(data.get("trainer"), str):
         raise CheckpointError(f"{source} is malformed: 'trainer' should be a str, found {type(data.get('trainer')).__name__}")
     if trainer is not None and data["trainer"] != trainer:

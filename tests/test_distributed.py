@@ -28,7 +28,7 @@ from l2o.checkpoints import CheckpointError, load_checkpoint, load_init, load_tr
 from l2o.cli import main
 from l2o.maml import MAMLInit
 from l2o.meta import MetaTrainConfig, MetaTrainingError, meta_train
-from l2o.meta.trainer import task_generator
+from l2o.meta.schedules import task_generator
 from tests.helpers import hand_maml_query_loss
 from l2o.rules import SGD
 from l2o.tasks import META
@@ -60,6 +60,11 @@ def _rule() -> LSTMRule:
 
 def _family() -> QuadraticFamily:
     return QuadraticFamily(dim=3, num_functions=8)
+
+
+def _pes_config() -> MetaTrainConfig:
+    """PES particles (one antithetic pair per task) with log-uniform horizons of 5..15 steps."""
+    return _config(estimator="pes", es_std=0.05, horizon=15, horizon_schedule="log_uniform", min_horizon=5)
 
 
 def _sine() -> SineFamily:
@@ -173,17 +178,17 @@ def test_meta_batch_resumes_bitwise_from_mid_horizon(tmp_path):
     assert full.history == resumed.history and resumed.resumed_at == 3
 
 
-def test_training_states_from_before_meta_batches_still_resume(tmp_path):
+def test_training_states_of_format_version_1_are_refused_naming_the_version(tmp_path):
+    """Version 1 files drew a single task from one shared stream; this l2o cannot continue them."""
     path = tmp_path / "s.pt"
     config = _config(epochs=2, tasks_per_step=1)
-    done = meta_train(_rule(), _family(), config, progress=False, checkpoint_path=path, checkpoint_every=1)
+    meta_train(_rule(), _family(), config, progress=False, checkpoint_path=path, checkpoint_every=1)
     data = load_training_state(path)
-    del data["config"]["tasks_per_step"], data["world_size"]  # as an earlier l2o wrote it
+    data["format_version"] = 1
     torch.save(data, tmp_path / "old.pt")
-    again = meta_train(_rule(), _family(), config, progress=False, resume=tmp_path / "old.pt")
-    _assert_close_tree(done.rule.state_dict(), again.rule.state_dict(), "rule", exact=True)
-    with pytest.raises(CheckpointError, match=r"config\.tasks_per_step \(in the file 1, now 2\)"):
-        meta_train(_rule(), _family(), _config(epochs=2), progress=False, resume=tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"format_version 1; this l2o reads format_version 2 \(written by "
+                                              r"l2o 0\.1\.0.*start the run again\)"):
+        meta_train(_rule(), _family(), config, progress=False, resume=tmp_path / "old.pt")
 
 
 @pytest.mark.parametrize("env, argv, match", [
@@ -209,10 +214,10 @@ _WORKER = textwrap.dedent('''
     from pathlib import Path
     import torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[2])
-    from tests.test_distributed import _config, _family, _maml_run, _rule
+    from tests.test_distributed import _config, _family, _maml_run, _pes_config, _rule
     from l2o.cli import main
     from l2o.meta import meta_train
-    from l2o.meta.trainer import end_distributed_process
+    from l2o.meta.distributed import end_distributed_process
 
     torch.set_num_threads(1)
     out, single_state = Path(sys.argv[1]), Path(sys.argv[3])
@@ -243,6 +248,10 @@ _WORKER = textwrap.dedent('''
     result, theta0 = _maml_run(distributed=True)
     report["maml"] = {"init": theta0, "history": result.history}
 
+    # PES: the particles of the meta-batch spread over the ranks
+    result = meta_train(_rule(), _family(), _pes_config(), progress=False, distributed=True)
+    report["pes"] = {"rule": result.rule.state_dict(), "history": result.history, "meta_steps": result.meta_steps}
+
     # the CLI on the already initialised process group: rank 0 alone writes --out and --json
     code = main(["maml", "--task", "sine", "--out", str(out / f"cli{rank}.pt"), "--json", str(out / f"cli{rank}.json"),
                  "--iterations", "3", "--meta-batch", "4", "--shots", "5", "--query-shots", "5",
@@ -270,6 +279,7 @@ def two_ranks(tmp_path_factory):
     refs["learned"] = meta_train(_rule(), _family(), _config(), progress=False, checkpoint_path=state,
                                  checkpoint_every=3, callback=keep)
     refs["maml"] = _maml_run()
+    refs["pes"] = meta_train(_rule(), _family(), _pes_config(), progress=False)
     script = out / "worker.py"
     script.write_text(_WORKER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -292,6 +302,17 @@ def test_two_ranks_equal_one_process_learned_optimizer(two_ranks):
         _assert_close_tree(ref.rule.state_dict(), got["rule"], f"rank {rank} rule")
         _assert_same_history(ref.history, got["history"])
     assert len(ref.history["val_loss"]) == 3  # validation (3 tasks split 2 + 1 over the ranks) ran
+
+
+def test_two_ranks_equal_one_process_pes(two_ranks):
+    """PES particles spread over the ranks (each rank runs its tasks' antithetic pairs) give the
+    rule and histories of one process running them all."""
+    ref = two_ranks["refs"]["pes"]
+    for rank, report in enumerate(two_ranks["reports"]):
+        got = report["pes"]
+        assert got["meta_steps"] == ref.meta_steps
+        _assert_close_tree(ref.rule.state_dict(), got["rule"], f"rank {rank} rule")
+        _assert_same_history(ref.history, got["history"])
 
 
 def test_two_ranks_equal_one_process_maml(two_ranks):
@@ -397,9 +418,9 @@ def test_a_dead_or_hung_rank_makes_the_other_fail_with_a_clear_error(tmp_path, f
 
 def test_failed_collective_becomes_meta_training_error(tmp_path):
     """In process: the conversion itself (a gloo error from a collective -> MetaTrainingError)."""
-    from l2o.meta.trainer import _Dist
+    from l2o.meta.distributed import Distributed
 
-    d = _Dist(False)
+    d = Distributed(False)
     d.step, d.state_path = 7, str(tmp_path / "s.pt")
     (tmp_path / "s.pt").write_bytes(b"x")
 

@@ -12,6 +12,7 @@ from l2o.checkpoints import CheckpointError, load_init, load_rule, save_rule
 from l2o.cli import main
 from l2o.maml import MAMLInit
 from l2o.meta import MetaTrainConfig, meta_train
+from l2o.meta.schedules import task_generator
 from l2o.rules import SGD, MetaSGD
 from l2o.tasks import META
 from optimizees.sine import SineFamily
@@ -29,8 +30,8 @@ def _config(**kw) -> MetaTrainConfig:
 def _hand_maml(model, family, config, first_order: bool) -> dict[str, torch.Tensor]:
     """MAML written out: per task, K SGD steps on the support set, query loss, Adam on θ0."""
     opt = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
-    gen = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        gen = task_generator(config.seed, epoch)  # task s of round e has index e * tasks_per_step + s
         task = family.sample(gen)
         task.init(gen)  # the trainer draws (and discards) the task's own init too
         opt.zero_grad()

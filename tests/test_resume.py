@@ -452,7 +452,7 @@ def state_path(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda d: d.update(format_version=2), "format_version 2; this l2o reads format_version 1"),
+    (lambda d: d.update(format_version=3), "format_version 3; this l2o reads format_version 2"),
     (lambda d: d.update(format="l2o.rule"), "not an l2o training state.*found a dict with format 'l2o.rule'"),
     (lambda d: d.update(trainer="maml"), "written by the 'maml' trainer"),
     (lambda d: d["meta_params"].update(init={}), r"meta-params of \['init', 'rule'\]"),

@@ -61,8 +61,8 @@ def test_golden_numbers_of_a_seeded_two_meta_step_run():
     assert losses_again == losses  # bitwise repeatable in-process
 
 
-GOLDEN_EPOCH_LOSS = 1019.3645521049293
-GOLDEN_WEIGHTS_SUM = 14.712611136860016
+GOLDEN_EPOCH_LOSS = 771.5599919626527
+GOLDEN_WEIGHTS_SUM = 14.783156699975791
 
 
 def test_non_finite_tasks_are_skipped_and_never_reach_the_meta_params():
@@ -103,7 +103,7 @@ def test_validation_weighs_the_steps_like_the_meta_loss():
     """validation_loss with weights is the weighted mean of the per-step losses; the trainer's
     validation with step_weights="linear" reads exactly that (not the unweighted mean)."""
     from l2o.meta import validation_loss
-    from l2o.meta.trainer import _step_weights
+    from l2o.meta.schedules import step_weights
 
     torch.manual_seed(0)
     rule = LSTMRule(hidden_size=6).double()
@@ -122,7 +122,7 @@ def test_validation_weighs_the_steps_like_the_meta_loss():
     config = MetaTrainConfig(epochs=2, horizon=10, truncation=5, validate_every=1, step_weights="linear")
     seen = []
     result = meta_train(rule, family, config, progress=False, callback=seen.append)
-    assert _step_weights(config, 0, 10) == pytest.approx([0.2 * t for t in range(1, 11)])
+    assert step_weights(config, 10, 0, 10) == pytest.approx([0.2 * t for t in range(1, 11)])
     assert result.history["val_loss"] == [m["val_loss"] for m in seen if "val_loss" in m]
 
 

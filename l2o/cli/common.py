@@ -152,7 +152,7 @@ def resolve_training_state(args: argparse.Namespace) -> tuple[Path | None, int |
     ``--resume`` (``(None, None)``: none). A resumed run keeps its stored interval and file unless
     the flags say otherwise."""
     from ..checkpoints import load_training_state
-    from ..meta.trainer import TRAINER
+    from ..meta.training_state import TRAINER
 
     # --checkpoint-every N writes to --state (default <out>.state.pt); --resume PATH
     # continues from PATH and keeps writing there at the interval it was written with.
@@ -437,9 +437,9 @@ def leave_distributed(code: int) -> int:
         return code
     import torch.distributed as dist
 
-    from ..meta.trainer import _Dist, end_distributed_process
+    from ..meta.distributed import Distributed, end_distributed_process
 
-    if not _Dist.failed and dist.is_initialized():
+    if not Distributed.failed and dist.is_initialized():
         dist.destroy_process_group()
     end_distributed_process(code)
 

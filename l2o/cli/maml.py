@@ -121,7 +121,7 @@ def evaluate_adaptation(rule: Any, init: Any, family: Any, *, num_tasks: int, st
     import torch
 
     from ..maml import adaptation_params
-    from ..meta.trainer import start_params
+    from ..meta.validation import start_params
     from ..tasks import META
 
     gen = torch.Generator().manual_seed(seed)

@@ -1,10 +1,43 @@
-"""Training states of :func:`l2o.meta.meta_train`: what the loop's state is, how a resumable run
-writes it (plain data, see the format in :mod:`l2o.meta.trainer`) and how a run is restored.
+r"""Training states of :func:`l2o.meta.meta_train`: where a run stands (:class:`TrainingState`),
+the file a resumable run writes, and how a run is restored from one.
 
-The loop's mutable state is :class:`_Loop` (counters, history, best weights) with one
-:class:`_Slot` per task in progress; :func:`_training_state` turns them (with the meta-params,
-the meta-optimizer and the generators) into the dict :func:`l2o.checkpoints.save_training_state`
-writes, and :func:`_restore` checks a loaded one against the run and puts it back.
+A training state file is a plain-data dict read with ``torch.load(weights_only=True)``
+(:func:`l2o.checkpoints.load_training_state`), written atomically::
+
+    {
+      "format": "l2o.training_state", "format_version": 2, "trainer": "meta_train",
+      "config": {...},                  # MetaTrainConfig.to_dict()        } a resume must match
+      "rule": {"class", "name", "config"},                                  } all of these exactly
+      "task_family": {"class", "name", "config"},  # config() when the family has one
+      "init": {"class", "params"},      # MAML mode only: the learned initialisation's shapes
+      "checkpoint_every": N,
+      "meta_params": {"rule": state_dict},   # one state_dict per meta-trained module, by name
+      "meta_optimizer": Adam state_dict,
+      "counters": {"epoch", "segment", "meta_step", "skipped", "consecutive_skips", "seconds"},
+      "best": None | {"meta_params": {name: state_dict}, "val_loss": float, "epoch": int},
+      "history": {"epoch_loss": [...], "val_epoch": [...], "val_loss": [...]},
+      "current": None | {               # None between rounds; else the round's tasks in progress:
+          "tasks": [{"index": i,                    # the global task index (redrawn from it)
+                     "generator": ByteTensor,       # the task's generator now
+                     "task_fingerprint": str,       # sha256 of the task's class, tensors and scalars
+                     "inner": {"params", "rule_state", "step", "grads", "loss"},  # rule_state as leaves
+                     "extra": {name: inner dict | [Tensor, ...]}},   # the estimator's (PES: "neg", "noise")
+                    ...],                           # one per task of the meta-batch, s = 0..T-1
+          "epoch_losses": [Tensor, ...]},           # the round's segment losses so far
+      "generators": {"torch_global": ByteTensor, "torch_global_by_rank": [ByteTensor, ...] (distributed)},
+      "world_size": W,                  # processes of the run that wrote it (1 without torch.distributed)
+      "provenance": {"l2o_version", "torch_version"},
+    }
+
+``epoch`` is the round in progress and ``segment`` the next truncation of its horizon. Tasks are
+arbitrary objects, so they are not stored: a task in progress is redrawn from its global index
+(:func:`~l2o.meta.schedules.task_generator`) and checked against its fingerprint. Resuming is
+therefore exact for every task family whose ``sample`` depends on the generator alone (all of
+``optimizees``); a family with hidden state of its own is refused when the redrawn task differs.
+Because every task is drawn by its index, a run resumes on any number of ranks that divides the
+meta-batch; only the global torch RNG states cannot map one to one (rank ``r`` takes the stored
+state of rank ``r mod W``), which matters only to code that draws from the global RNG during
+training (l2o's trainer, rules and optimizees do not).
 """
 
 from __future__ import annotations
@@ -13,7 +46,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,59 +56,118 @@ from ..rules.base import Rule
 from ..tasks import Task, TaskFamily
 from ..tree import state_fill, state_leaves
 from ..unroll import InnerState
+from .config import MetaTrainConfig, _is_number
+from .schedules import task_generator
+from .slots import TaskSlot
 
-if TYPE_CHECKING:
-    from .trainer import MetaTrainConfig, _Dist
+__all__ = ["TrainingState", "TRAINER", "run_setup"]
 
 #: The ``trainer`` name recorded in (and required of) this trainer's training states.
 TRAINER = "meta_train"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _empty_history() -> dict[str, list[float]]:
+    return {"epoch_loss": [], "val_epoch": [], "val_loss": []}
 
 
 @dataclass
-class _Loop:
-    """Everything the meta-training loop changes: what a training state stores (besides the
-    meta-params, the meta-optimizer and the generators)."""
+class TrainingState:
+    """Where a meta-training run stands: everything :func:`~l2o.meta.meta_train` changes as it goes,
+    besides the meta-params and the meta-optimizer.
 
-    epoch: int = 0  # the epoch in progress (config.epochs once done)
-    segment: int = 0  # the next truncation of the epoch's horizon
+    Attributes:
+        epoch: the round in progress (``config.epochs`` once done).
+        segment: the next truncation of the round's horizon.
+        meta_step: meta-steps taken or skipped so far.
+        skipped / consecutive_skips: non-finite meta-steps, in all and in a row.
+        seconds: time spent in earlier runs of a resumed training.
+        history: per round ``"epoch_loss"``; per validation ``"val_epoch"`` and ``"val_loss"``.
+        best_val / best_epoch / best_meta_params: the best validation so far and its weights
+            (one ``state_dict`` per meta-trained module, by name).
+        tasks: this process's tasks in progress (``None`` between rounds).
+        epoch_losses: the round's segment losses so far.
+    """
+
+    epoch: int = 0
+    segment: int = 0
     meta_step: int = 0
     skipped: int = 0
-    consecutive: int = 0
-    seconds: float = 0.0  # spent in earlier runs of a resumed training
-    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch_loss": [], "val_epoch": [], "val_loss": []})
+    consecutive_skips: int = 0
+    seconds: float = 0.0
+    history: dict[str, list[float]] = field(default_factory=_empty_history)
     best_val: float | None = None
     best_epoch: int | None = None
-    best_state: dict[str, dict[str, Tensor]] | None = None
-    # this process's tasks in progress (None between epochs): one, or its share of the meta-batch
-    slots: list[_Slot] | None = None
+    best_meta_params: dict[str, dict[str, Tensor]] | None = None
+    tasks: list[TaskSlot] | None = None
     epoch_losses: list[Tensor] = field(default_factory=list)
 
+    def to_data(self, *, setup: dict[str, Any], modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                checkpoint_every: int | None, seconds: float, world: int) -> dict[str, Any]:
+        """This process's training-state file (in a distributed run, ``current["tasks"]`` holds its
+        own tasks only: rank 0 gathers the others' before writing)."""
+        from .. import __version__
 
-@dataclass
-class _Slot:
-    """One task in progress and where its inner optimisation stands."""
+        current = None
+        if self.tasks is not None:
+            for slot in self.tasks:
+                if slot.fingerprint is None:
+                    slot.fingerprint = _task_fingerprint(slot.task)
+            current = {"tasks": [{"index": slot.index, "generator": slot.generator.get_state(),
+                                  "task_fingerprint": slot.fingerprint, "inner": _inner_data(slot.inner),
+                                  "extra": {k: _extra_data(v) for k, v in slot.extra.items()}}
+                                 for slot in self.tasks],
+                       "epoch_losses": list(self.epoch_losses)}
+        best = None
+        if self.best_meta_params is not None:
+            best = {"meta_params": self.best_meta_params, "val_loss": self.best_val, "epoch": self.best_epoch}
+        return {
+            "trainer": TRAINER,
+            **setup,
+            "checkpoint_every": checkpoint_every,
+            "meta_params": {name: m.state_dict() for name, m in modules.items()},
+            "meta_optimizer": optimizer.state_dict(),
+            "counters": {"epoch": self.epoch, "segment": self.segment, "meta_step": self.meta_step,
+                         "skipped": self.skipped, "consecutive_skips": self.consecutive_skips, "seconds": seconds},
+            "best": best,
+            "history": self.history,
+            "current": current,
+            "generators": {"torch_global": torch.get_rng_state()},
+            "world_size": world,
+            "provenance": {"l2o_version": __version__, "torch_version": str(torch.__version__)},
+        }
 
-    task: Task
-    generator: torch.Generator  # draws its batches (the shared training generator when tasks_per_step == 1)
-    inner: InnerState
-    index: int | None = None  # its global task index in a meta-batch run (None: the single-task stream)
-    gen_state: Tensor | None = None  # single-task stream: the generator's state just before the task was drawn
-    fingerprint: str | None = None  # computed when first needed (a training state)
+    @classmethod
+    def restore(cls, data: dict[str, Any], source: str, *, setup: dict[str, Any], modules: dict[str, torch.nn.Module],
+                optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily, config: MetaTrainConfig,
+                segments: Callable[[int], int], start_extra: Callable[[TaskSlot], dict[str, Any]],
+                own: Sequence[int], rank: int, distributed: bool) -> TrainingState:
+        """Check a loaded training state against this run and put it back: the modules' weights,
+        the meta-optimizer, the global RNG, and the returned :class:`TrainingState`.
 
-
-def task_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of global task ``index`` in a meta-batch run (``tasks_per_step > 1``): seeded by
-    a hash of ``(seed, index)``, so any process can draw any task of the run by its index alone."""
-    digest = hashlib.sha256(f"l2o.meta_train.task:{seed}:{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training states: what is written, and how a run is restored from one.
+        ``segments(epoch)`` gives the truncations of a round; ``start_extra(slot)`` the estimator's
+        state of a task just drawn (the template its stored state must fit); ``own`` this process's
+        tasks of the meta-batch. On any failure nothing is left half-restored: the modules' weights
+        and the global RNG are put back and a :class:`~l2o.checkpoints.CheckpointError` names the
+        problem.
+        """
+        diffs = _differences({k: data.get(k) for k in setup}, setup)
+        if diffs:
+            raise CheckpointError(f"cannot resume from {source}: it was written by a different run; differing fields: "
+                                  f"{'; '.join(diffs)}. Resume with the arguments of that run, or start a new one")
+        backup = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+        global_rng = torch.get_rng_state()
+        try:
+            return _restore(data, source, modules=modules, optimizer=optimizer, rule=rule, family=family,
+                            config=config, segments=segments, start_extra=start_extra, own=own, rank=rank,
+                            distributed=distributed)
+        except BaseException as exc:
+            for name, state in backup.items():
+                modules[name].load_state_dict(state)
+            torch.set_rng_state(global_rng)
+            if isinstance(exc, CheckpointError) or not isinstance(
+                    exc, (KeyError, TypeError, ValueError, RuntimeError, IndexError, StopIteration, AttributeError)):
+                raise
+            raise CheckpointError(f"{source} is malformed and cannot be resumed ({type(exc).__name__}: {exc})") from None
 
 
 def _plain(value: Any) -> Any:
@@ -91,7 +183,7 @@ def _describe(obj: Any) -> dict[str, Any]:
                    "config": config() if callable(config) else None})
 
 
-def _setup(config: MetaTrainConfig, rule: Rule, family: TaskFamily, init: torch.nn.Module | None) -> dict[str, Any]:
+def run_setup(config: MetaTrainConfig, rule: Rule, family: TaskFamily, init: torch.nn.Module | None) -> dict[str, Any]:
     """What identifies a run: a resume must match all of it."""
     setup = {"config": _plain(config.to_dict()), "rule": _describe(rule), "task_family": _describe(family)}
     if init is not None:
@@ -143,49 +235,14 @@ def _digest_tensor(digest: Any, tensor: Tensor) -> None:
     digest.update(flat.cpu().contiguous().view(torch.uint8).numpy())
 
 
-def _inner_state(inner: InnerState) -> dict[str, Any]:
+def _inner_data(inner: InnerState) -> dict[str, Any]:
     return {"params": dict(inner.params), "rule_state": state_leaves(inner.rule_state), "step": inner.step,
             "grads": None if inner.grads is None else dict(inner.grads), "loss": inner.loss}
 
 
-def _training_state(loop: _Loop, setup: dict[str, Any], modules: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer, gen: torch.Generator, checkpoint_every: int | None,
-                    seconds: float, dist: _Dist) -> dict[str, Any]:
-    """This rank's training state (in a distributed run, ``current["tasks"]`` holds its own tasks only)."""
-    from .. import __version__
-
-    current = None
-    if loop.slots is not None:
-        for slot in loop.slots:
-            if slot.fingerprint is None:
-                slot.fingerprint = _task_fingerprint(slot.task)
-        if loop.slots[0].index is None:  # the single-task stream
-            slot = loop.slots[0]
-            current = {"task_generator_state": slot.gen_state, "task_fingerprint": slot.fingerprint,
-                       "inner": _inner_state(slot.inner), "epoch_losses": list(loop.epoch_losses)}
-        else:
-            current = {"tasks": [{"index": slot.index, "generator": slot.generator.get_state(),
-                                  "task_fingerprint": slot.fingerprint, "inner": _inner_state(slot.inner)}
-                                 for slot in loop.slots],
-                       "epoch_losses": list(loop.epoch_losses)}
-    best = None
-    if loop.best_state is not None:
-        best = {"meta_params": loop.best_state, "val_loss": loop.best_val, "epoch": loop.best_epoch}
-    return {
-        "trainer": TRAINER,
-        **setup,
-        "checkpoint_every": checkpoint_every,
-        "meta_params": {name: m.state_dict() for name, m in modules.items()},
-        "meta_optimizer": optimizer.state_dict(),
-        "counters": {"epoch": loop.epoch, "segment": loop.segment, "meta_step": loop.meta_step,
-                     "skipped": loop.skipped, "consecutive_skips": loop.consecutive, "seconds": seconds},
-        "best": best,
-        "history": loop.history,
-        "current": current,
-        "generators": {"train": gen.get_state(), "torch_global": torch.get_rng_state()},
-        "world_size": dist.world,
-        "provenance": {"l2o_version": __version__, "torch_version": str(torch.__version__)},
-    }
+def _extra_data(value: Any) -> Any:
+    """An estimator's per-task value as plain data: an inner state's dict, or a list of tensors."""
+    return _inner_data(value) if isinstance(value, InnerState) else list(value)
 
 
 def _differences(stored: Any, current: Any, where: str = "") -> list[str]:
@@ -219,48 +276,18 @@ def _tensors_like(got: Any, expected: dict[str, Tensor], where: str) -> dict[str
 
 def _field(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], source: str) -> Any:
     value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
-        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
         raise CheckpointError(f"{source} is malformed: {key!r} should be {names}, found {type(value).__name__}")
     return value
 
 
-def _restore(data: dict[str, Any], source: str, loop: _Loop, *, setup: dict[str, Any],
-             modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily,
-             gen: torch.Generator, config: MetaTrainConfig, segments: int, keep_task_gen_state: bool, dist: _Dist,
-             own: range) -> None:
-    """Load a validated training state into the loop, modules, optimizer and generators.
-
-    On any failure nothing is left half-restored: the modules' weights are put back and a
-    :class:`CheckpointError` names the problem.
-    """
-    stored = {k: data.get(k) for k in setup}
-    if isinstance(stored.get("config"), dict) and "tasks_per_step" not in stored["config"]:
-        stored["config"] = {**stored["config"], "tasks_per_step": 1}  # written before meta-batches existed
-    diffs = _differences(stored, setup)
-    if diffs:
-        raise CheckpointError(f"cannot resume from {source}: it was written by a different run; differing fields: "
-                              f"{'; '.join(diffs)}. Resume with the arguments of that run, or start a new one")
-    backup = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
-    global_rng = torch.get_rng_state()
-    try:
-        _restore_unchecked(data, source, loop, modules=modules, optimizer=optimizer, rule=rule, family=family,
-                           gen=gen, config=config, segments=segments, keep_task_gen_state=keep_task_gen_state,
-                           dist=dist, own=own)
-    except BaseException as exc:
-        for name, state in backup.items():
-            modules[name].load_state_dict(state)
-        torch.set_rng_state(global_rng)
-        if isinstance(exc, CheckpointError) or not isinstance(
-                exc, (KeyError, TypeError, ValueError, RuntimeError, IndexError, StopIteration, AttributeError)):
-            raise
-        raise CheckpointError(f"{source} is malformed and cannot be resumed ({type(exc).__name__}: {exc})") from None
-
-
-def _restore_unchecked(data: dict[str, Any], source: str, loop: _Loop, *, modules: dict[str, torch.nn.Module],
-                       optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily, gen: torch.Generator,
-                       config: MetaTrainConfig, segments: int, keep_task_gen_state: bool, dist: _Dist,
-                       own: range) -> None:
+def _restore(data: dict[str, Any], source: str, *, modules: dict[str, torch.nn.Module],
+             optimizer: torch.optim.Optimizer, rule: Rule, family: TaskFamily, config: MetaTrainConfig,
+             segments: Callable[[int], int], start_extra: Callable[[TaskSlot], dict[str, Any]], own: Sequence[int],
+             rank: int, distributed: bool) -> TrainingState:
+    state = TrainingState()
     meta_params = _field(data, "meta_params", dict, source)
     if set(meta_params) != set(modules):
         raise CheckpointError(f"{source} holds meta-params of {sorted(meta_params)}; this run meta-trains {sorted(modules)}")
@@ -273,19 +300,19 @@ def _restore_unchecked(data: dict[str, Any], source: str, loop: _Loop, *, module
         value = _field(counters, key, int, f"{source} counters")
         if value < 0:
             raise CheckpointError(f"{source} is malformed: counter {key!r} is {value}")
-    loop.epoch, loop.segment, loop.meta_step = counters["epoch"], counters["segment"], counters["meta_step"]
-    loop.skipped, loop.consecutive = counters["skipped"], counters["consecutive_skips"]
-    loop.seconds = float(_field(counters, "seconds", (int, float), f"{source} counters"))
-    if loop.epoch > config.epochs or loop.segment >= segments or loop.meta_step > config.epochs * segments:
-        raise CheckpointError(f"{source} is malformed: epoch {loop.epoch}, segment {loop.segment}, meta-step "
-                              f"{loop.meta_step} do not fit {config.epochs} epochs of {segments} truncations")
+    state.epoch, state.segment, state.meta_step = counters["epoch"], counters["segment"], counters["meta_step"]
+    state.skipped, state.consecutive_skips = counters["skipped"], counters["consecutive_skips"]
+    state.seconds = float(_field(counters, "seconds", (int, float), f"{source} counters"))
+    if state.epoch > config.epochs or (state.epoch < config.epochs and state.segment >= segments(state.epoch)):
+        raise CheckpointError(f"{source} is malformed: epoch {state.epoch}, segment {state.segment} do not fit "
+                              f"{config.epochs} epochs of this run's truncations")
 
     history = _field(data, "history", dict, source)
     for key in ("epoch_loss", "val_epoch", "val_loss"):
         values = _field(history, key, list, f"{source} history")
         if not all(_is_number(v) for v in values):
             raise CheckpointError(f"{source} is malformed: history {key!r} should hold numbers")
-    loop.history = {key: [float(v) for v in history[key]] for key in ("epoch_loss", "val_epoch", "val_loss")}
+    state.history = {key: [float(v) for v in history[key]] for key in ("epoch_loss", "val_epoch", "val_loss")}
 
     best = data.get("best")
     if best is not None:
@@ -293,70 +320,75 @@ def _restore_unchecked(data: dict[str, Any], source: str, loop: _Loop, *, module
         if set(best_params) != set(modules):
             raise CheckpointError(f"{source} holds best meta-params of {sorted(best_params)}; this run meta-trains "
                                   f"{sorted(modules)}")
-        loop.best_state = {name: _tensors_like(best_params[name], m.state_dict(), f"{source}: best meta-params {name!r}")
-                           for name, m in modules.items()}
-        loop.best_val = float(_field(best, "val_loss", (int, float), f"{source} best"))
-        loop.best_epoch = _field(best, "epoch", int, f"{source} best")
+        state.best_meta_params = {name: _tensors_like(best_params[name], m.state_dict(),
+                                                      f"{source}: best meta-params {name!r}")
+                                  for name, m in modules.items()}
+        state.best_val = float(_field(best, "val_loss", (int, float), f"{source} best"))
+        state.best_epoch = _field(best, "epoch", int, f"{source} best")
 
     generators = _field(data, "generators", dict, source)
-    train_state = _field(generators, "train", Tensor, f"{source} generators")
     global_state = _field(generators, "torch_global", Tensor, f"{source} generators")
     by_rank = generators.get("torch_global_by_rank")
     if by_rank is not None:
         if not (isinstance(by_rank, list) and by_rank and all(isinstance(t, Tensor) for t in by_rank)):
             raise CheckpointError(f"{source} is malformed: 'torch_global_by_rank' should be a list of tensors")
-        if dist.active:  # the same rank's state; on another number of ranks, that of rank r mod W
-            global_state = by_rank[dist.rank % len(by_rank)]
+        if distributed:  # the same rank's state; on another number of ranks, that of rank r mod W
+            global_state = by_rank[rank % len(by_rank)]
+
     current = data.get("current")
     if current is None:
-        if loop.segment != 0:
-            raise CheckpointError(f"{source} is malformed: it is at segment {loop.segment} but holds no task in progress")
-    elif config.tasks_per_step == 1:
-        _field(current, "task_generator_state", Tensor, f"{source} current")
-        gen.set_state(current["task_generator_state"])
-        task = family.sample(gen)
-        fingerprint = _field(current, "task_fingerprint", str, f"{source} current")
-        _check_fingerprint(task, fingerprint, source)
-        inner = _restore_inner(_field(current, "inner", dict, f"{source} current"), task, rule, source)
-        gen_state = current["task_generator_state"] if keep_task_gen_state else None
-        loop.slots = [_Slot(task, gen, inner, gen_state=gen_state, fingerprint=fingerprint)]
+        if state.segment != 0:
+            raise CheckpointError(f"{source} is malformed: it is at segment {state.segment} but holds no task in progress")
     else:
         tasks = _field(current, "tasks", list, f"{source} current")
         if len(tasks) != config.tasks_per_step:
             raise CheckpointError(f"{source} is malformed: it holds {len(tasks)} tasks in progress, the meta-batch "
                                   f"has {config.tasks_per_step}")
-        loop.slots = []
-        for s in own:
-            entry = tasks[s]
-            if not isinstance(entry, dict):
-                raise CheckpointError(f"{source} is malformed: task {s} in progress is a {type(entry).__name__}")
-            where = f"{source} current task {s}"
-            index = _field(entry, "index", int, where)
-            if index != loop.epoch * config.tasks_per_step + s:
-                raise CheckpointError(f"{where} is malformed: its index is {index}, expected "
-                                      f"{loop.epoch * config.tasks_per_step + s} (epoch {loop.epoch})")
-            g = task_generator(config.seed, index)
-            task = family.sample(g)
-            fingerprint = _field(entry, "task_fingerprint", str, where)
-            _check_fingerprint(task, fingerprint, source)
-            inner = _restore_inner(_field(entry, "inner", dict, where), task, rule, where)
-            g.set_state(_field(entry, "generator", Tensor, where))
-            loop.slots.append(_Slot(task, g, inner, index=index, fingerprint=fingerprint))
-    if current is not None:
+        state.tasks = [_restore_task(tasks[s], s, source, state.epoch, rule=rule, family=family, config=config,
+                                     start_extra=start_extra) for s in own]
         epoch_losses = _field(current, "epoch_losses", list, f"{source} current")
-        if len(epoch_losses) != loop.segment or not all(isinstance(v, Tensor) for v in epoch_losses):
-            raise CheckpointError(f"{source} is malformed: expected {loop.segment} segment losses")
-        loop.epoch_losses = list(epoch_losses)
-    gen.set_state(train_state)
+        if len(epoch_losses) != state.segment or not all(isinstance(v, Tensor) for v in epoch_losses):
+            raise CheckpointError(f"{source} is malformed: expected {state.segment} segment losses")
+        state.epoch_losses = list(epoch_losses)
     torch.set_rng_state(global_state)
+    return state
 
 
-def _check_fingerprint(task: Task, fingerprint: str, source: str) -> None:
+def _restore_task(entry: Any, s: int, source: str, epoch: int, *, rule: Rule, family: TaskFamily,
+                  config: MetaTrainConfig, start_extra: Callable[[TaskSlot], dict[str, Any]]) -> TaskSlot:
+    """Task ``s`` of the round in progress: redrawn from its index, checked, its state put back."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{source} is malformed: task {s} in progress is a {type(entry).__name__}")
+    where = f"{source} current task {s}"
+    index = _field(entry, "index", int, where)
+    if index != epoch * config.tasks_per_step + s:
+        raise CheckpointError(f"{where} is malformed: its index is {index}, expected "
+                              f"{epoch * config.tasks_per_step + s} (epoch {epoch})")
+    generator = task_generator(config.seed, index)
+    task = family.sample(generator)
+    fingerprint = _field(entry, "task_fingerprint", str, where)
     if _task_fingerprint(task) != fingerprint:
         raise CheckpointError(
             f"cannot resume from {source}: the task family drew a different task from the recorded generator "
             f"state than the run did, so the run cannot continue exactly (resuming needs a family whose "
             f"sample() depends on the generator alone)")
+    inner = _restore_inner(_field(entry, "inner", dict, where), task, rule, where)
+    slot = TaskSlot(index, task, generator, inner, fingerprint=fingerprint)
+    template = start_extra(slot)
+    stored = _field(entry, "extra", dict, where)
+    if set(stored) != set(template):
+        raise CheckpointError(f"{where}: the estimator's state holds {sorted(stored)}, expected {sorted(template)}")
+    for key, want in template.items():
+        if isinstance(want, InnerState):
+            slot.extra[key] = _restore_inner(_field(stored, key, dict, where), task, rule, f"{where} {key}")
+        else:
+            got = _field(stored, key, list, where)
+            if len(got) != len(want) or not all(isinstance(g, Tensor) and g.shape == w.shape and g.dtype == w.dtype
+                                                for g, w in zip(got, want)):
+                raise CheckpointError(f"{where}: the estimator's {key!r} does not match the meta-params")
+            slot.extra[key] = [g.to(w.device) for g, w in zip(got, want)]
+    generator.set_state(_field(entry, "generator", Tensor, where))
+    return slot
 
 
 def _restore_inner(inner: dict[str, Any], task: Task, rule: Rule, source: str) -> InnerState:
