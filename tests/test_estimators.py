@@ -94,7 +94,7 @@ def _horizon_estimates(estimator, rule: _LogLRSGD, runs: int, *, second_order: b
 
 
 def test_pes_is_unbiased_for_the_full_unroll_gradient_and_truncated_backprop_is_not():
-    """The acceptance test of the estimators: on a problem whose full-unroll meta-gradient is exact
+    """On a problem whose full-unroll meta-gradient is exact
     (SGD with a meta-learned rate on a fixed quadratic, 12 steps cut into 4 truncations of 3), the
     mean of PES's summed estimates over many runs matches it within its standard error, while
     truncated backprop (exact within each truncation, second order) is off by far more, and so is
