@@ -88,7 +88,7 @@ def test_malformed_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and "format_version 7" in err
 
 
-# --- issue 6: consistent subcommands, evaluate, list-pretrained, --device, progress, --json/--plot, exit codes ---
+# --- consistent subcommands, evaluate, list-pretrained, --device, progress, --json/--plot, exit codes ---
 
 COMMANDS = ["meta-train", "compare", "evaluate", "list-pretrained", "maml"]
 TINY_TRAIN = ["--task", "quadratic", "--epochs", "2", "--horizon", "10", "--truncation", "5", "--validate-every", "1",

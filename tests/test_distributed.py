@@ -1,4 +1,4 @@
-"""Meta-batches and distributed meta-training (issue 8): ``tasks_per_step``, torch.distributed (gloo).
+"""Meta-batches and distributed meta-training: ``tasks_per_step``, torch.distributed (gloo).
 
 The multi-process tests launch real processes on this machine: one ``torchrun --nproc_per_node 2``
 run (module fixture) that meta-trains in learned-optimizer and MAML mode, resumes a state written by
@@ -292,7 +292,7 @@ def two_ranks(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_process_learned_optimizer(two_ranks):
-    """The acceptance test: after 10 meta-steps (5 epochs of a meta-batch of 2 quadratics, 2
+    """Two ranks train what one process trains: after 10 meta-steps (5 epochs of a meta-batch of 2 quadratics, 2
     truncations each) the LSTM weights of both ranks equal those of one process with the same
     global meta-batch and task seeds; so do the meta-loss and validation histories."""
     ref = two_ranks["refs"]["learned"]

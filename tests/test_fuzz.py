@@ -1,4 +1,4 @@
-"""Fuzzing the public entry points (issue 7, "bad inputs"): they either work or raise a named error.
+"""Fuzzing the public entry points with bad inputs: they either work or raise a named error.
 
 * Constructors and functions of ``l2o`` and ``optimizees`` get one or more arguments replaced by
   random values (valid and invalid: wrong types, bools, NaN/inf, negatives, empty containers,

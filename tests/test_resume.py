@@ -1,4 +1,4 @@
-"""Reliable meta-training (issue 7): resumable runs, crash-safe saves, faults, safe loading, bad inputs.
+"""Reliable meta-training: resumable runs, crash-safe saves, faults, safe loading, bad inputs.
 
 Every run here is tiny (3-d quadratics, horizon 10, truncation 5, 4 LSTM units), so the subprocess
 tests cost mostly the interpreter's start-up.
