@@ -517,7 +517,7 @@ def test_checkpoint_configs_are_checked_before_anything_is_allocated(tmp_path, c
 
 def _rules_without_arguments() -> dict[str, type[l2o.Rule]]:
     out = {}
-    for name, cls in l2o.RULES.items():
+    for name, cls in l2o.rules.RULES.items():
         try:
             cls()
         except TypeError:  # needs arguments (MetaSGD: the shapes)

@@ -225,7 +225,7 @@ def test_metasgd_conforms():
 
 
 def test_metasgd_is_registered_and_round_trips_a_checkpoint(tmp_path):
-    assert l2o.RULES["metasgd"] is MetaSGD
+    assert l2o.rules.RULES["metasgd"] is MetaSGD
     model = _mlp().float()  # a checkpoint rebuilds the rule in float32
     rule = MetaSGD(model, lr=0.02)
     with torch.no_grad():

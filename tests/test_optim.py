@@ -798,7 +798,7 @@ def test_every_shipped_pretrained_rule_loads_and_steps():
     assert [entry["name"] for entry in l2o.list_pretrained()] == ["quadratic", "mnist", "mnist-nag", "mnist-paper"]
     for entry in l2o.list_pretrained():
         rule = l2o.load_pretrained(entry["name"])
-        assert rule.name in l2o.RULES
+        assert rule.name in l2o.rules.RULES
         model = MLP()
         opt = l2o.LearnedOptimizer(model.parameters(), pretrained=entry["name"])
         train(model, opt, 2)
