@@ -22,6 +22,7 @@ from .unroll import InnerState, UnrollResult, init_inner, truncate, unroll  # no
 from .optim import LearnedOptimizer  # noqa: E402
 from .pretrained import list_pretrained, load_pretrained  # noqa: E402
 from .maml import MAML, MAMLInit, SupervisedTask, adaptation_curve, adaptation_params  # noqa: E402
+from .families import ModuleFamily, TaskMixture  # noqa: E402
 from .meta import MetaTrainConfig, MetaTrainingError, MetaTrainResult, compare, meta_train  # noqa: E402
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "MetaTrainResult",
     "MetaTrainingError",
     "compare",
+    # task families from your own model
+    "ModuleFamily",
+    "TaskMixture",
     # MAML
     "MAML",
     "MAMLInit",

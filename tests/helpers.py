@@ -96,3 +96,22 @@ def hand_maml_query_loss(model, task, steps: int, lr: float, first_order: bool =
             params = {n: p - lr * (g.detach() if first_order else g) for n, p, g in zip(names, params.values(), grads)}
         total = total + ((functional_call(model, params, (xq,)) - yq) ** 2).mean()
     return total / task.num_tasks
+
+
+def record_training_states(monkeypatch, directory):
+    """Keep a copy of every training state meta_train writes, by meta-step: ``{meta_step: path}``."""
+    import shutil
+
+    from l2o.meta import trainer as trainer_module
+
+    states = {}
+    real = trainer_module.save_training_state
+
+    def spy(path, state):
+        out = real(path, state)
+        step = state["counters"]["meta_step"]
+        states[step] = shutil.copy(path, directory / f"step{step}.pt")
+        return out
+
+    monkeypatch.setattr(trainer_module, "save_training_state", spy)
+    return states

@@ -18,6 +18,7 @@ from l2o.rules.base import Rule
 from l2o.tasks import TRAIN
 from l2o.unroll import init_inner, unroll
 from optimizees.quadratic import QuadraticFamily
+from tests.helpers import record_training_states
 
 F64 = torch.float64
 
@@ -184,10 +185,6 @@ def test_a_log_uniform_pes_run_resumes_bitwise_from_every_meta_step(tmp_path, mo
     """PES keeps per-task state (the negative particle, the accumulated perturbation) in the
     training state; with log-uniform horizons a run resumed from any meta-step, mid-horizon
     included, ends bitwise where the uninterrupted run does."""
-    import shutil
-
-    from l2o.meta import trainer as trainer_module
-
     config = MetaTrainConfig(epochs=4, horizon=12, truncation=3, horizon_schedule="log_uniform", min_horizon=4,
                              estimator="pes", es_std=0.05, tasks_per_step=2, validate_every=2, seed=2)
 
@@ -196,17 +193,8 @@ def test_a_log_uniform_pes_run_resumes_bitwise_from_every_meta_step(tmp_path, mo
         return LSTMRule(hidden_size=4)
 
     family = QuadraticFamily(dim=3, num_functions=4)
-    states = {}
-    real = trainer_module.save_training_state
-
-    def spy(path, state):
-        out = real(path, state)
-        states[state["counters"]["meta_step"]] = shutil.copy(path, tmp_path / f"step{state['counters']['meta_step']}.pt")
-        return out
-
-    monkeypatch.setattr(trainer_module, "save_training_state", spy)
+    states = record_training_states(monkeypatch, tmp_path)
     full = meta_train(rule(), family, config, progress=False, checkpoint_path=tmp_path / "run.pt", checkpoint_every=1)
-    monkeypatch.setattr(trainer_module, "save_training_state", real)
     assert sorted(states) == list(range(1, full.meta_steps + 1))
     mid = [k for k, p in states.items() if load_training_state(p)["current"] is not None]
     assert mid and "neg" in load_training_state(states[mid[0]])["current"]["tasks"][0]["extra"]
