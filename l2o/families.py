@@ -106,8 +106,15 @@ class ModuleFamily:
             self.init_scale = check_hyperparameter("init_scale", init_scale, low=0.0, low_inclusive=False)
         self.model_fn, self.batch_fn, self.loss_fn, self.name = model_fn, batch_fn, loss_fn, name
 
+    def task_batches(self, generator: torch.Generator) -> BatchFn:
+        """The batch sampler of a new task: ``batch_fn`` (a subclass may draw per-task data here,
+        e.g. a task's own synthetic language, before the model is drawn)."""
+        return self.batch_fn
+
     def sample(self, generator: torch.Generator) -> ModuleTask:
-        """A task: a model built (and initialised) from ``generator``, its params scaled."""
+        """A task: its batch sampler, then a model built (and initialised) from ``generator``, its
+        params scaled."""
+        batch_fn = self.task_batches(generator)
         seed = _seed_from(generator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -124,7 +131,7 @@ class ModuleFamily:
         if scale != 1.0:
             params = {k: v * scale for k, v in params.items()}
         model.requires_grad_(False)
-        return ModuleTask(model, self.batch_fn, self.loss_fn, params)
+        return ModuleTask(model, batch_fn, self.loss_fn, params)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "init_scale": self.init_scale}
