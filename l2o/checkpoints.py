@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fileio import atomic_write
 from .rules import RULES
 from .rules.base import Rule
 
@@ -137,52 +137,13 @@ def plain_data(obj: Any, where: str = "value") -> Any:
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically; return ``path`` as a :class:`~pathlib.Path`.
 
-    The data goes to a new temporary file in the same directory (so the rename below never crosses
-    file systems), which is flushed and fsynced, then renamed over ``path`` with ``os.replace``
-    (atomic on POSIX and Windows), and finally the directory itself is fsynced so the rename
-    survives a power loss. A crash at any moment leaves either the previous file or the new one in
-    place, never a half-written one; a crash before the rename can at worst leave a stray
-    ``.<name>.<pid>.<random>.tmp`` file next to it. On an error the temporary file is removed and
-    the previous file is untouched.
+    Written by :func:`l2o.fileio.atomic_write`: a new temporary file in the same directory, flushed
+    and fsynced, renamed over ``path`` with ``os.replace`` and the directory fsynced. A crash at any
+    moment leaves either the previous file or the new one in place, never a half-written one; a
+    crash before the rename can at worst leave a stray ``.<name>.<pid>.<random>.tmp`` file next to
+    it. On an error the temporary file is removed and the previous file is untouched.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot save to {str(path)!r}: it is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL: never write through a file (or link) someone else put there; mode 0o666 & ~umask,
-    # as for a file created by open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """fsync a directory so a rename inside it is durable (POSIX; a no-op where unsupported)."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory (EINVAL); the data itself is synced
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _safe_load(path: Path, what: str) -> Any:

@@ -30,17 +30,19 @@ dimension on params and data) run through ``torch.func.vmap`` over ``functional_
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .rules.base import Rule, check_hyperparameter, check_positive_int
+from .adaptation import adaptation_curve, adaptation_params  # MAML evaluations read these (re-exported)
+from .rules.base import Rule
 from .rules.hand import SGD
-from .tasks import META, Task, support_or_query
+from .tasks import support_or_query
 from .tree import Params
 from .unroll import init_inner, unroll
+from .validation import check_bool, check_hyperparameter, check_positive_int
 
 __all__ = ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve", "adaptation_params"]
 
@@ -77,8 +79,7 @@ class SupervisedTask:
         for what, pair in (("support", support), ("query", query)):
             if (pair is not None or what == "support") and not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise TypeError(f"{what} must be a pair (x, y), got {type(pair).__name__}")
-        if not isinstance(batched, bool):
-            raise TypeError(f"batched must be a bool, got {type(batched).__name__} ({batched!r})")
+        check_bool("batched", batched)
         if params is not None and not (isinstance(params, dict) and params
                                        and all(isinstance(v, Tensor) for v in params.values())):
             raise TypeError(f"params must be None or a non-empty dict of tensors keyed like the model's "
@@ -188,9 +189,7 @@ class MAML(nn.Module):
         super().__init__()
         self.inner_lr = check_hyperparameter("inner_lr", inner_lr, low=0.0, low_inclusive=False)
         self.inner_steps = check_positive_int("inner_steps", inner_steps)
-        if not isinstance(first_order, bool):
-            raise TypeError(f"first_order must be a bool, got {type(first_order).__name__} ({first_order!r})")
-        self.first_order = first_order
+        self.first_order = check_bool("first_order", first_order)
         if rule is not None and not isinstance(rule, Rule):
             raise TypeError(f"rule must be an l2o Rule (e.g. l2o.SGD, l2o.MetaSGD, l2o.LSTMRule), got {type(rule).__name__}")
         self.init = MAMLInit(model)
@@ -255,41 +254,3 @@ class MAML(nn.Module):
     def forward_batch(self, params: Params, x: Tensor) -> Tensor:
         """Per-task predictions for params ``(B, *shape)`` and inputs ``(B, N, ...)`` (``vmap``)."""
         return vmap(lambda p, xb: functional_call(self.module, p, (xb,)), randomness="different")(params, x)
-
-
-def adaptation_curve(rule: Rule, task: Task, params: Params, *, steps: int,
-                     generator: torch.Generator | None = None) -> Tensor:
-    r"""Meta-split losses along an adaptation: ``(steps + 1, B)``, row ``t`` = :math:`f^{q}(\theta_t)`.
-
-    Runs ``steps`` inner steps of ``rule`` from ``params`` on the task's training split (one engine
-    call per step, first order, under ``no_grad``: nothing is kept for backpropagation) and
-    evaluates the task's ``META`` split after each. This is the paper's "MSE vs number of
-    gradient steps" curve (e.g. MAML's θ0 or a pretrained network fine-tuned with SGD).
-    """
-    if not isinstance(rule, Rule):
-        raise TypeError(f"rule must be an l2o Rule (e.g. l2o.SGD(lr=0.01)), got {type(rule).__name__}")
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a task (with init, sample_batch and loss), got {type(task).__name__}")
-    if not (isinstance(params, dict) and params and all(isinstance(v, Tensor) for v in params.values())):
-        raise TypeError(f"params must be a non-empty dict of tensors, got {type(params).__name__}")
-    check_positive_int("steps", steps)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    gen = torch.Generator().manual_seed(0) if generator is None else generator
-    with torch.no_grad():
-        rows = [task.loss(theta, task.sample_batch(META, gen)).reshape(-1)
-                for theta in adaptation_params(rule, task, params, steps=steps, generator=gen)]
-    return torch.stack(rows)
-
-
-def adaptation_params(rule: Rule, task: Task, params: Params, *, steps: int,
-                      generator: torch.Generator) -> Iterator[Params]:
-    r"""The params :math:`\theta_0, \theta_1, \dots, \theta_{steps}` of an adaptation by ``rule``
-    on the task's training split, one engine call per step, without gradients (what
-    :func:`adaptation_curve` and held-out evaluations read any metric from)."""
-    with torch.no_grad():
-        inner = init_inner(rule, task, generator, params={k: v.detach() for k, v in params.items()})
-        yield inner.params
-        for _ in range(steps):
-            inner = unroll(rule, task, inner, steps=1, generator=generator, weights=[0.0]).inner
-            yield inner.params

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .rules.base import check_positive_int
+from .validation import check_positive_int
 
 __all__ = ["configure_cpu"]
 

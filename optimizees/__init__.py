@@ -1,6 +1,7 @@
 """Task families (optimizees) for l2o: they implement the protocols in :mod:`l2o.tasks`."""
 
-from .omniglot import ConvNet, OmniglotFamily, OmniglotTask
+from .convnet import ConvNet
+from .omniglot import OmniglotFamily, OmniglotTask
 from .quadratic import QuadraticFamily, QuadraticTask
 from .sine import SineFamily, SineMLP, SineTask
 

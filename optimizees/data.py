@@ -15,6 +15,11 @@ Fashion-MNIST: the zalandoresearch files or Debian's ``dataset-fashion-mnist`` f
 differ only in the gzip header), or when its decompressed content has the known sha256 (so a
 mirror that re-compressed the same data is accepted). An uncompressed file passes when its
 content has the known sha256.
+
+Locating, hashing and caching are :mod:`optimizees.datafiles`'s: decoded splits are kept
+in-process, and the published files' arrays on disk under :func:`l2o.cache.default_cache_dir`
+(an ``.npz`` per file, named after its sha256), so a later process reads them without
+decompressing (the verified training split: about 0.2 s instead of 0.7 s).
 """
 
 from __future__ import annotations
@@ -22,9 +27,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -32,12 +35,20 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from l2o.validation import check_bool, check_path
+
+from .datafiles import (DATA_ENV_VAR, DataError, DataSource, Memo, Wanted, cached_arrays, check_cache_dir,
+                        checksum_mismatch, file_hashes, file_key, locate, resolve_cache_dir)
+from .datafiles import resolve_data_dir as _resolve_data_dir
+
 __all__ = [
     "DataError",
     "read_idx",
     "resolve_data_dir",
     "load_mnist",
     "DATA_ENV_VAR",
+    "MNIST_SOURCE",
+    "FASHION_MNIST_SOURCE",
     "IDX_DTYPES",
     "MNIST_SHA256",
     "MNIST_RAW_SHA256",
@@ -45,9 +56,6 @@ __all__ = [
     "FASHION_MNIST_DEBIAN_SHA256",
     "FASHION_MNIST_RAW_SHA256",
 ]
-
-DATA_ENV_VAR = "L2O_DATA"
-"""Environment variable naming the data directory when none is passed."""
 
 IDX_DTYPES: Mapping[int, np.dtype] = {
     0x08: np.dtype(">u1"),
@@ -106,52 +114,55 @@ FASHION_MNIST_RAW_SHA256: Mapping[str, str] = {
 _GZIP_MAGIC = b"\x1f\x8b"
 _IMAGE_SIZE = (28, 28)
 _NUM_CLASSES = 10
-_CACHE_SIZE = 8
+_CACHE_FORMAT = 1
 
 Split = Literal["train", "test"]
 Dataset = Literal["mnist", "fashion-mnist"]
 
 
-class DataError(ValueError):
-    """A data file is missing, malformed, or does not match its published checksum."""
-
-
 class _DatasetInfo(NamedTuple):
-    title: str
-    subdir: str
+    source: DataSource
     gz_sha256: Mapping[str, frozenset[str]]
     raw_sha256: Mapping[str, str]
-    how_to_get: str
+
+    @property
+    def title(self) -> str:
+        return self.source.title
 
 
 def _merge(*tables: Mapping[str, str]) -> dict[str, frozenset[str]]:
     return {name: frozenset(t[name] for t in tables) for name in tables[0]}
 
 
+#: Where users get MNIST and where to put it.
+MNIST_SOURCE = DataSource(
+    title="MNIST",
+    subdir="mnist",
+    how_to_get=(
+        "Get the four MNIST files published at http://yann.lecun.com/exdb/mnist/ "
+        "(or from any mirror whose files have the sha256s in optimizees.data.MNIST_SHA256; "
+        "torchvision.datasets.MNIST(ROOT, download=True) leaves them in ROOT/MNIST/raw/) "
+        "and put them, gzipped or not, in DIR or DIR/mnist/."
+    ),
+)
+
+#: Where users get Fashion-MNIST and where to put it.
+FASHION_MNIST_SOURCE = DataSource(
+    title="Fashion-MNIST",
+    subdir="fashion-mnist",
+    how_to_get=(
+        "On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` installs the four files to "
+        "/usr/share/datasets/fashion-mnist (pass that directory); or get them from "
+        "https://github.com/zalandoresearch/fashion-mnist (data/fashion/; "
+        "torchvision.datasets.FashionMNIST(ROOT, download=True) leaves them in ROOT/FashionMNIST/raw/) "
+        "and put them, gzipped or not, in DIR or DIR/fashion-mnist/."
+    ),
+)
+
 _DATASETS: Mapping[str, _DatasetInfo] = {
-    "mnist": _DatasetInfo(
-        title="MNIST",
-        subdir="mnist",
-        gz_sha256=_merge(MNIST_SHA256),
-        raw_sha256=MNIST_RAW_SHA256,
-        how_to_get=(
-            "Get the four MNIST files published at http://yann.lecun.com/exdb/mnist/ "
-            "(or from any mirror whose files have the sha256s in optimizees.data.MNIST_SHA256) "
-            "and put them, gzipped or not, in DIR or DIR/mnist/."
-        ),
-    ),
-    "fashion-mnist": _DatasetInfo(
-        title="Fashion-MNIST",
-        subdir="fashion-mnist",
-        gz_sha256=_merge(FASHION_MNIST_SHA256, FASHION_MNIST_DEBIAN_SHA256),
-        raw_sha256=FASHION_MNIST_RAW_SHA256,
-        how_to_get=(
-            "On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` installs them to "
-            "/usr/share/datasets/fashion-mnist (pass that directory); or get the four files "
-            "from https://github.com/zalandoresearch/fashion-mnist (data/fashion/) and put "
-            "them, gzipped or not, in DIR or DIR/fashion-mnist/."
-        ),
-    ),
+    "mnist": _DatasetInfo(MNIST_SOURCE, gz_sha256=_merge(MNIST_SHA256), raw_sha256=MNIST_RAW_SHA256),
+    "fashion-mnist": _DatasetInfo(FASHION_MNIST_SOURCE, gz_sha256=_merge(FASHION_MNIST_SHA256, FASHION_MNIST_DEBIAN_SHA256),
+                                  raw_sha256=FASHION_MNIST_RAW_SHA256),
 }
 
 _SPLIT_PREFIX: Mapping[str, str] = {"train": "train", "test": "t10k"}
@@ -229,9 +240,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             The message names the file.
         OSError: the file cannot be opened or read.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__} ({path!r})")
-    return _read_idx_bytes(Path(path))[0]
+    return _read_idx_bytes(Path(check_path("path", path)))[0]
 
 
 def _read_idx_bytes(
@@ -247,7 +256,7 @@ def _read_idx_bytes(
 
 
 # --------------------------------------------------------------------------------------------
-# Locating files
+# Locating and verifying files
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
@@ -263,55 +272,12 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     Raises:
         DataError: neither is set; the message says how to set one and where to get the data.
     """
-    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
-        raise TypeError(f"data_dir must be a directory path (str or os.PathLike) or None, got "
-                        f"{type(data_dir).__name__} ({data_dir!r})")
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    env = os.environ.get(DATA_ENV_VAR, "")
-    if env:
-        return Path(env).expanduser()
-    raise DataError(
-        "No data directory given: pass --data DIR (data_dir=DIR from Python) or set the "
-        f"{DATA_ENV_VAR} environment variable to a directory holding the data sets. "
-        "MNIST: the four files from http://yann.lecun.com/exdb/mnist/ (or any mirror with the "
-        "sha256s in optimizees.data.MNIST_SHA256), in DIR or DIR/mnist/. Fashion-MNIST: "
-        "`apt-get install dataset-fashion-mnist` installs it to /usr/share/datasets/fashion-mnist, "
-        "or get it from https://github.com/zalandoresearch/fashion-mnist, in DIR or "
-        "DIR/fashion-mnist/. The repository's developers find MNIST in shared/data/."
-    )
+    return _resolve_data_dir(data_dir, (MNIST_SOURCE, FASHION_MNIST_SOURCE))
 
 
-def _find(directory: Path, stem: str) -> Path | None:
-    """The ``.gz`` or uncompressed file named ``stem`` in ``directory`` (``.gz`` first)."""
-    for name in (stem + ".gz", stem):
-        candidate = directory / name
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _locate(root: Path, info: _DatasetInfo, stems: tuple[str, ...], split: str) -> list[Path]:
-    """Find all ``stems`` in one directory: ``root/<subdir>`` first, then ``root``."""
-    searched: list[str] = []
-    for directory in (root / info.subdir, root):
-        found = [_find(directory, stem) for stem in stems]
-        if all(p is not None for p in found):
-            return [p for p in found if p is not None]
-        missing = ", ".join(f"{s}[.gz]" for s, p in zip(stems, found) if p is None)
-        state = "" if directory.is_dir() else " (directory does not exist)"
-        searched.append(f"  {directory}{state}: missing {missing}")
-    raise DataError(
-        f"{info.title} {split} files not found: no directory searched holds all of "
-        + ", ".join(f"{s}[.gz]" for s in stems)
-        + ".\nSearched:\n"
-        + "\n".join(searched)
-        + f"\n{info.how_to_get}"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Verification, validation and the cache
+def _wanted(stem: str) -> Wanted:
+    """The ``.gz`` or uncompressed file named ``stem`` (``.gz`` first)."""
+    return Wanted(f"{stem}[.gz]", (stem + ".gz", stem))
 
 
 def _verify(path: Path, info: _DatasetInfo, stem: str, file_sha: str, content_sha: str) -> None:
@@ -327,11 +293,30 @@ def _verify(path: Path, info: _DatasetInfo, stem: str, file_sha: str, content_sh
         found = f"{file_sha} (decompressed content: {content_sha})"
     else:
         expected, found = raw_expected, content_sha
-    raise DataError(
-        f"{path}: sha256 mismatch for {info.title} {stem}: expected {expected}, found {found}. "
-        "The file is damaged or is not the published data; remove it and get it again "
-        "(or pass verify=False to skip this check)."
-    )
+    raise checksum_mismatch(path, what=f"{info.title} {stem}", expected=expected, found=found,
+                            how_to_get=info.source.how_to_get)
+
+
+def _published(info: _DatasetInfo, stem: str, file_sha: str) -> bool:
+    """Whether a file with sha256 ``file_sha`` is one of the published ``stem`` files (gzipped or not)."""
+    return file_sha in info.gz_sha256[stem + ".gz"] or file_sha == info.raw_sha256[stem]
+
+
+def _read_file(path: Path, info: _DatasetInfo, stem: str, *, verify: bool, cache: Path | None) -> np.ndarray:
+    """The array in ``path``, verified if asked. Published files are decoded once into the disk
+    cache (keyed by their sha256); others (a re-compressed mirror, test data) are parsed each time."""
+    (file_sha,) = file_hashes(path)
+    if _published(info, stem, file_sha):
+        file = None if cache is None else cache / f"{info.source.subdir}-{stem}-{file_sha[:16]}-v{_CACHE_FORMAT}.npz"
+        ndim = 3 if "-images-" in stem else 1
+        arrays = cached_arrays(file, lambda: {"array": _read_idx_bytes(path)[0]}, names=("array",),
+                               valid=lambda a: a["array"].dtype == np.uint8 and a["array"].ndim == ndim,
+                               what=info.title)
+        return arrays["array"]
+    array, _, content_sha = _read_idx_bytes(path, hashes=verify)
+    if verify and content_sha is not None:
+        _verify(path, info, stem, file_sha, content_sha)
+    return array
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path) -> None:
@@ -364,21 +349,14 @@ class _Entry(NamedTuple):
     verified: bool
 
 
-_CacheKey = tuple[str, str, tuple[tuple[str, int, int], ...]]
-_cache: OrderedDict[_CacheKey, _Entry] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    resolved = path.resolve()
-    stat = resolved.stat()
-    return (str(resolved), stat.st_mtime_ns, stat.st_size)
+# Decoded splits, keyed by (dataset, split, identity of both files): loading unchanged files again
+# neither hashes nor parses them.
+_memory = Memo()
 
 
 def _clear_cache() -> None:
-    """Forget every decoded array (for tests and long-lived processes)."""
-    with _cache_lock:
-        _cache.clear()
+    """Forget every decoded array kept in-process (for tests and long-lived processes); disk caches stay."""
+    _memory.clear()
 
 
 def load_mnist(
@@ -387,6 +365,7 @@ def load_mnist(
     split: Split = "train",
     dataset: Dataset = "mnist",
     verify: bool = True,
+    cache_dir: str | os.PathLike[str] | None | bool = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load MNIST or Fashion-MNIST images and labels from local IDX files.
 
@@ -394,13 +373,16 @@ def load_mnist(
     gzipped or not) are looked for in ``DIR/mnist/`` (``DIR/fashion-mnist/``) and then
     ``DIR``; both files of a split must sit in the same directory. Decoded arrays are cached
     in-process per (resolved path, mtime, size), so loading the same files again is cheap;
-    each call returns fresh tensors that the caller may modify.
+    each call returns fresh tensors that the caller may modify. The published files are also
+    decoded once into a disk cache named after their sha256 (see :mod:`optimizees.datafiles`).
 
     Args:
         data_dir: the data directory; None means ``$L2O_DATA`` (see :func:`resolve_data_dir`).
         split: ``"train"`` (60,000 examples) or ``"test"`` (10,000).
         dataset: ``"mnist"`` or ``"fashion-mnist"``.
         verify: check each file's sha256 against the published values (see the module doc).
+        cache_dir: the disk cache directory; None means :func:`l2o.cache.default_cache_dir`,
+            False disables it. An unwritable cache only warns.
 
     Returns:
         ``(images, labels)``: uint8 images of shape (N, 28, 28) and int64 labels of shape (N,).
@@ -415,36 +397,25 @@ def load_mnist(
         raise ValueError(f"dataset must be one of {sorted(_DATASETS)}, got {dataset!r}")
     if not isinstance(split, str) or split not in _SPLIT_PREFIX:
         raise ValueError(f"split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
-    if not isinstance(verify, bool):
-        raise TypeError(f"verify must be a bool, got {type(verify).__name__} ({verify!r})")
+    check_bool("verify", verify)
+    check_cache_dir(cache_dir)
     info = _DATASETS[dataset]
     prefix = _SPLIT_PREFIX[split]
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
     root = resolve_data_dir(data_dir)
-    image_path, label_path = _locate(root, info, stems, split)
+    image_path, label_path = locate(root, info.source, [_wanted(s) for s in stems], what=f"{info.title} {split} files")
 
-    key: _CacheKey = (dataset, split, (_file_key(image_path), _file_key(label_path)))
-    with _cache_lock:
-        entry = _cache.get(key)
-        if entry is not None:
-            _cache.move_to_end(key)
+    key = (dataset, split, file_key(image_path), file_key(label_path))
+    entry = _memory.get(key)
     if entry is None or (verify and not entry.verified):
-        arrays = []
-        for path, stem in ((image_path, stems[0]), (label_path, stems[1])):
-            array, file_sha, content_sha = _read_idx_bytes(path, hashes=verify)
-            if file_sha is not None and content_sha is not None:
-                _verify(path, info, stem, file_sha, content_sha)
-            arrays.append(array)
-        images, labels = arrays
+        cache = resolve_cache_dir(cache_dir)
+        images, labels = [_read_file(path, info, stem, verify=verify, cache=cache)
+                          for path, stem in ((image_path, stems[0]), (label_path, stems[1]))]
         _check_pair(images, labels, image_path, label_path)
         entry = _Entry(
             images=torch.from_numpy(images),
             labels=torch.from_numpy(labels.astype(np.int64)),
             verified=verify,
         )
-        with _cache_lock:
-            _cache[key] = entry
-            _cache.move_to_end(key)
-            while len(_cache) > _CACHE_SIZE:
-                _cache.popitem(last=False)
+        _memory.put(key, entry)
     return entry.images.clone(), entry.labels.clone()

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from l2o.rules.base import check_positive_int
 from l2o.tasks import META, TRAIN
 from l2o.tree import Params
+from l2o.validation import check_positive_int
 
 from .data import load_mnist
 

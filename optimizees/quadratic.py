@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.rules.base import check_float_dtype, check_hyperparameter, check_positive_int
 from l2o.tree import Params
+from l2o.validation import check_float_dtype, check_hyperparameter, check_positive_int
 
 __all__ = ["QuadraticTask", "QuadraticFamily"]
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from l2o.tasks import Task, TaskFamily
 from l2o.tree import Params
+from l2o.validation import is_number
 
 __all__ = ["RescaledTask", "RescaledFamily", "MAX_LOG_SCALE"]
 
@@ -69,8 +70,7 @@ class RescaledFamily:
     def __init__(self, family: TaskFamily, max_log_scale: float) -> None:
         if not callable(getattr(family, "sample", None)):
             raise TypeError(f"family must be a task family (with a sample(generator) method), got {type(family).__name__}")
-        if not (isinstance(max_log_scale, (int, float)) and not isinstance(max_log_scale, bool)
-                and math.isfinite(max_log_scale) and 0 < max_log_scale <= MAX_LOG_SCALE):
+        if not (is_number(max_log_scale) and math.isfinite(max_log_scale) and 0 < max_log_scale <= MAX_LOG_SCALE):
             raise ValueError(f"max_log_scale must be a number in (0, {MAX_LOG_SCALE}] (scales e^k and curvatures "
                              f"e^2k must stay finite in float32), got {max_log_scale!r}")
         self.family = family

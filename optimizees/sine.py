@@ -24,7 +24,7 @@ MAML on a family (the trainer does this)::
     res.meta_loss.backward()                             # mean query MSE after one step
 
 The paper's baseline, a network pretrained on all tasks jointly and then fine-tuned on the K
-support points, is :func:`pretrain_jointly` + :func:`l2o.maml.adaptation_curve`.
+support points, is :func:`pretrain_jointly` + :func:`l2o.adaptation.adaptation_curve`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from l2o.maml import adaptation_curve
-from l2o.rules.base import check_float_dtype, check_hyperparameter, check_positive_int
+from l2o.adaptation import adaptation_curve
 from l2o.rules.hand import SGD
 from l2o.tasks import support_or_query
 from l2o.tree import Params
+from l2o.validation import check_float_dtype, check_hyperparameter, check_positive_int, is_number
 
 __all__ = [
     "SineMLP",
@@ -212,7 +212,7 @@ def _check_widths(name: str, value: Any) -> tuple[int, ...]:
 def _check_range(name: str, value: Sequence[float]) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair (low, high), got {value!r}")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+    if not all(is_number(v) for v in value):
         raise TypeError(f"{name} must be a pair of numbers (low, high), got {value!r}")
     lo, hi = float(value[0]), float(value[1])
     if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):

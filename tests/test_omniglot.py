@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from l2o.tasks import META, TRAIN, Task, TaskFamily
-from optimizees import omniglot
+from optimizees import omniglot, omniglot_files
 from optimizees.data import DataError
 from optimizees.omniglot import (
     META_TRAIN_CHARACTERS,
@@ -270,15 +270,15 @@ def test_disk_cache_is_keyed_by_checksum_and_rebuilt_when_unusable(tmp_path: Pat
     assert [f.name for f in files] == [f"omniglot-images_evaluation-{sha256(path)[:16]}-28px-v1.npz"]
 
     omniglot._clear_cache()
-    decode = omniglot._decode_zip
-    monkeypatch.setattr(omniglot, "_decode_zip", lambda *a: pytest.fail("decoded although cached"))
+    decode = omniglot_files._decode_zip
+    monkeypatch.setattr(omniglot_files, "_decode_zip", lambda *a: pytest.fail("decoded although cached"))
     second = read_omniglot_zip(path, verify=False, cache_dir=cache)
     assert torch.equal(first.images, second.images) and first.characters == second.characters
 
     omniglot._clear_cache()
     files[0].write_bytes(b"not a npz file")
     calls = []
-    monkeypatch.setattr(omniglot, "_decode_zip", lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(omniglot_files, "_decode_zip", lambda *a: calls.append(1) or decode(*a))
     third = read_omniglot_zip(path, verify=False, cache_dir=cache)
     assert calls and torch.equal(third.images, first.images)
     assert np.load(files[0])["images"].shape == (3, 4, 28, 28)  # rewritten

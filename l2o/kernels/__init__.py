@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..cache import default_cache_dir
+from ..fileio import commit_temp, reserve_temp
 
 __all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "TapeKernel", "TAPE_BLOCK", "is_available", "set_enabled"]
 
@@ -113,8 +114,7 @@ def _build(compiler: str, source: bytes) -> Path:
                 return target
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-                os.close(fd)
+                tmp = reserve_temp(target)
             except OSError as exc:  # cache not writable: try the next directory
                 errors.append(f"{directory}: {exc}")
                 continue
@@ -122,7 +122,7 @@ def _build(compiler: str, source: bytes) -> Path:
                 proc = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-x", "c", "-", "-o", tmp],
                                       input=source, capture_output=True, timeout=120)
                 if proc.returncode == 0:
-                    os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
+                    commit_temp(tmp, target)  # atomic: a concurrent process sees all of it or nothing
                     return target
                 errors.append(f"{' '.join(flags)}: {proc.stderr.decode(errors='replace').strip()[-300:]}")
             except (OSError, subprocess.SubprocessError) as exc:

@@ -1,6 +1,7 @@
 """Update rules: the :class:`Rule` contract and its implementations (see ``l2o.rules.base``)."""
 
-from .base import Rule, check_hyperparameter
+from ..validation import check_hyperparameter
+from .base import Rule
 from .hand import HAND_RULES, NAG, SGD, Adam, AdamState, RMSprop, RMSpropState, SGDState
 from .lstm import LSTMRule, LSTMState
 from .metasgd import MetaSGD, MetaSGDState

@@ -25,13 +25,15 @@ the engine then differentiates ``update`` step by step.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..tree import Params
+
+# The generic argument checks live in l2o.validation. They are re-exported here (and stay in
+# __all__) as deprecated aliases for code that imports them from l2o.rules.base.
+from ..validation import check_bool, check_float_dtype, check_hyperparameter, check_positive_int
 
 __all__ = ["Rule", "RuleTape", "check_hyperparameter", "check_positive_int", "check_bool", "check_float_dtype", "check_update_args",
            "check_params"]
@@ -122,46 +124,6 @@ class Rule(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-
-
-def check_hyperparameter(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
-                         low_inclusive: bool = True, high_inclusive: bool = True) -> float:
-    """Validate a numeric hyperparameter and return it as ``float``.
-
-    Raises ``TypeError`` for non-numbers and ``ValueError`` (naming the parameter, the value and
-    the allowed range) for values outside ``[low, high]`` (bounds inclusive unless told otherwise).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    v = float(value)
-    ok_low = v >= low if low_inclusive else v > low
-    ok_high = v <= high if high_inclusive else v < high
-    if not (math.isfinite(v) and ok_low and ok_high):
-        lo = "[" if low_inclusive and math.isfinite(low) else "("
-        hi = "]" if high_inclusive and math.isfinite(high) else ")"
-        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
-    return v
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an ``int`` >= 1 (not a bool); else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """Return ``value`` if it is a ``bool``; else ``TypeError`` naming ``name`` (no truthiness of strings)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def check_float_dtype(name: str, value: Any) -> torch.dtype:
-    """Return ``value`` if it is a floating-point ``torch.dtype``; else ``TypeError`` naming ``name``."""
-    if not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise TypeError(f"{name} must be a floating torch.dtype such as torch.float32, got {value!r}")
-    return value
 
 
 def check_update_args(grads: Any, params: Any, step: Any, *, rule: str) -> None:

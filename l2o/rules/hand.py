@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from ..tree import Params
-from .base import Rule, check_bool, check_hyperparameter, check_params, check_update_args
+from ..validation import check_bool, check_hyperparameter
+from .base import Rule, check_params, check_update_args
 
 __all__ = [
     "SGD",

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..tree import Params
-from .base import Rule, check_hyperparameter, check_update_args
+from ..validation import check_hyperparameter
+from .base import Rule, check_update_args
 
 __all__ = ["MetaSGD", "MetaSGDState"]
 
