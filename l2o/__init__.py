@@ -21,7 +21,8 @@ from .rules import NAG, SGD, Adam, LSTMRule, MetaSGD, RMSprop, Rule  # noqa: E40
 from .unroll import InnerState, UnrollResult, init_inner, truncate, unroll  # noqa: E402
 from .optim import LearnedOptimizer  # noqa: E402
 from .pretrained import list_pretrained, load_pretrained  # noqa: E402
-from .maml import MAML, MAMLInit, SupervisedTask, adaptation_curve, adaptation_params  # noqa: E402
+from .adaptation import adaptation_curve, adaptation_params  # noqa: E402
+from .maml import MAML, MAMLInit, SupervisedTask  # noqa: E402
 from .families import ModuleFamily, TaskMixture  # noqa: E402
 from .meta import MetaTrainConfig, MetaTrainingError, MetaTrainResult, compare, meta_train  # noqa: E402
 

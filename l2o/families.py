@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .rules.base import check_hyperparameter
+from .validation import check_hyperparameter
 from .tasks import Task, TaskFamily
 from .tree import Params
 

@@ -33,7 +33,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .rules.base import Rule, RuleTape, check_positive_int
+from .rules.base import Rule, RuleTape
+from .validation import check_positive_int
 from .tasks import META, TRAIN, Task
 from .tree import Params, apply_updates, detach, flatten, state_map
 

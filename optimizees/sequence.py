@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from l2o.families import ModuleFamily
 from l2o.tasks import META, TRAIN
-from l2o.rules.base import check_hyperparameter, check_positive_int
+from l2o.validation import check_hyperparameter, check_positive_int
 
 __all__ = ["GRULanguageModel", "MarkovChain", "sequence_family"]
 

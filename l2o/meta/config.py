@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..rules.base import check_positive_int
+from ..validation import check_positive_int, is_number
 from ..tasks import META, TRAIN
 from ..unroll import OBJECTIVES
 
@@ -18,10 +18,6 @@ STEP_WEIGHTS = ("uniform", "linear", "final")
 HORIZON_SCHEDULES = ("constant", "log_uniform")
 #: How a meta-gradient is computed from the truncations (see :mod:`l2o.meta.estimators`).
 ESTIMATORS = ("tbptt", "es", "pes")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -115,13 +111,13 @@ class MetaTrainConfig:
                                  f"({self.horizon})")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if not (_is_number(self.es_std) and math.isfinite(self.es_std) and self.es_std > 0):
+        if not (is_number(self.es_std) and math.isfinite(self.es_std) and self.es_std > 0):
             raise ValueError(f"es_std must be a positive number, got {self.es_std!r}")
-        if not (_is_number(self.meta_lr) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
+        if not (is_number(self.meta_lr) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
             raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr!r}")
         for name in ("meta_lr_final", "max_grad_norm"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+            if value is not None and not (is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
         if isinstance(self.validate_every, bool) or not isinstance(self.validate_every, int) or self.validate_every < 0:
             raise ValueError(f"validate_every must be an integer >= 0, got {self.validate_every!r}")

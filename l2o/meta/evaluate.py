@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ..rules import HAND_RULES
-from ..rules.base import Rule, check_positive_int
+from ..rules.base import Rule
+from ..validation import check_positive_int
 from ..tasks import META, TRAIN, Task, TaskFamily
 from ..unroll import init_inner, loss_and_grads, unroll
 

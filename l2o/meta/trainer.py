@@ -60,7 +60,8 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoints import load_training_state, save_training_state
-from ..rules.base import Rule, check_positive_int
+from ..rules.base import Rule
+from ..validation import check_positive_int
 from ..tasks import TaskFamily
 from ..unroll import init_inner
 from .config import STEP_WEIGHTS, MetaTrainConfig

@@ -56,7 +56,8 @@ from ..rules.base import Rule
 from ..tasks import Task, TaskFamily
 from ..tree import state_fill, state_leaves
 from ..unroll import InnerState
-from .config import MetaTrainConfig, _is_number
+from ..validation import is_number
+from .config import MetaTrainConfig
 from .schedules import task_generator
 from .slots import TaskSlot
 
@@ -310,7 +311,7 @@ def _restore(data: dict[str, Any], source: str, *, modules: dict[str, torch.nn.M
     history = _field(data, "history", dict, source)
     for key in ("epoch_loss", "val_epoch", "val_loss"):
         values = _field(history, key, list, f"{source} history")
-        if not all(_is_number(v) for v in values):
+        if not all(is_number(v) for v in values):
             raise CheckpointError(f"{source} is malformed: history {key!r} should hold numbers")
     state.history = {key: [float(v) for v in history[key]] for key in ("epoch_loss", "val_epoch", "val_loss")}
 
