@@ -1,0 +1,99 @@
+"""The generalist meta-training distribution (optimizees.generalist) and the sequence family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2o.tasks import META, TRAIN
+from l2o.unroll import loss_and_grads
+from optimizees.generalist import COMPONENTS, generalist_family, random_convnet, random_mlp
+from optimizees.sequence import MarkovChain, sequence_family
+from tests.conformance import check_task
+
+
+@pytest.fixture(scope="module")
+def family(shared_data_dir):
+    return generalist_family(shared_data_dir)
+
+
+def test_every_component_is_drawn_and_its_tasks_conform(family):
+    names = {}
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        task = family.sample(g)
+        key = type(task).__name__ + ":" + type(getattr(task, "model", task)).__name__
+        names[key] = task
+    assert {"ModuleTask:Sequential", "ModuleTask:GRULanguageModel", "QuadraticTask:QuadraticTask"} <= set(names)
+    for task in names.values():
+        check_task(task)
+        held_out = task.sample_batch(META, torch.Generator().manual_seed(0))
+        assert torch.isfinite(task.loss(task.init(torch.Generator().manual_seed(0)), held_out)).all()
+
+
+def test_tasks_are_redrawn_identically_from_the_generator(family):
+    for seed in (0, 7, 19):
+        a = family.sample(torch.Generator().manual_seed(seed))
+        b = family.sample(torch.Generator().manual_seed(seed))
+        pa, pb = a.init(torch.Generator().manual_seed(1)), b.init(torch.Generator().manual_seed(1))
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+        ba, bb = a.sample_batch(TRAIN, torch.Generator().manual_seed(2)), b.sample_batch(TRAIN, torch.Generator().manual_seed(2))
+        assert torch.equal(a.loss(pa, ba), b.loss(pb, bb))
+
+
+def test_no_test_image_is_in_any_task(shared_data_dir):
+    """MNIST tasks read the first 50,000 training images and 1000 of the others (held out);
+    Omniglot tasks read only the meta-training characters."""
+    from optimizees.mlp import MNISTData
+
+    mnist = MNISTData(shared_data_dir)
+    fam = generalist_family(shared_data_dir, components={"mnist-mlp": 1.0, "omniglot-conv": 1.0})
+    for seed in range(10):
+        task = fam.sample(torch.Generator().manual_seed(seed))
+        data = task.batch_fn
+        if data.x.shape[0] == 50_000:
+            assert torch.equal(data.x.reshape(50_000, -1), mnist.train_x)
+            assert torch.equal(data.held_out[0].reshape(1000, -1), mnist.val_x[:1000])
+        else:
+            assert data.x.shape[0] in (5 * 15, 10 * 15, 20 * 15)
+
+
+def test_random_architectures_vary():
+    shapes = {tuple(p.shape for p in random_mlp(784, 10, torch.Generator().manual_seed(s)).parameters())
+              for s in range(30)}
+    assert len(shapes) > 5
+    convs = {tuple(p.shape for p in random_convnet(10, torch.Generator().manual_seed(s)).parameters()) for s in range(30)}
+    assert len(convs) > 3
+    out = random_convnet(7, torch.Generator().manual_seed(0))(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 7)
+
+
+def test_sequence_tasks_learn_their_chain():
+    """A GRU trained by Adam for 150 steps approaches its chain's entropy rate on held-out text."""
+    torch.manual_seed(0)
+    fam = sequence_family(vocab=8, hidden=16, length=12, batch_size=32)
+    task = fam.sample(torch.Generator().manual_seed(3))
+    params = {k: v.clone().requires_grad_() for k, v in task.init(torch.Generator()).items()}
+    opt = torch.optim.Adam(params.values(), lr=3e-2)
+    g = torch.Generator().manual_seed(4)
+    start = float(task.loss(params, task.sample_batch(META, g)).detach())
+    for _ in range(150):
+        opt.zero_grad()
+        task.loss(params, task.sample_batch(TRAIN, g)).backward()
+        opt.step()
+    P = task.batch_fn.chain.transitions
+    entropy = float(-(P * P.log()).sum(1).mean())
+    end = float(task.loss(params, task.sample_batch(META, g)).detach())
+    assert end < start - 0.5 and end < entropy + 0.35, (start, end, entropy)
+
+
+def test_markov_chains_are_drawn_from_the_generator():
+    a = MarkovChain(5, 0.5, torch.Generator().manual_seed(1)).transitions
+    b = MarkovChain(5, 0.5, torch.Generator().manual_seed(1)).transitions
+    assert torch.equal(a, b) and torch.allclose(a.sum(1), torch.ones(5))
+
+
+def test_unknown_components_are_named(shared_data_dir):
+    with pytest.raises(ValueError, match=r"unknown components \['cifar'\]"):
+        generalist_family(shared_data_dir, components={"cifar": 1.0})
+    assert set(COMPONENTS) == {"mnist-mlp", "mnist-conv", "omniglot-conv", "markov-gru", "quadratic"}
