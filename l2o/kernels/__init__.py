@@ -1,7 +1,9 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler.
 
-Two source files, compiled together:
+Three source files, compiled together as one translation unit:
 
+* ``lstm_gates.c``: the gate math of an LSTM cell, forward and backward, on a vector of
+  coordinates: the one definition the other two run.
 * ``lstm_cell.c``: the elementwise half of a coordinate-wise LSTM layer (four gate sigmoids, the
   cell and hidden update: one pass over the block instead of about a dozen torch kernels), in two
   forms. :func:`lstm_cell` updates the state in place (what :meth:`l2o.LSTMRule.update_`, and so
@@ -12,8 +14,8 @@ Two source files, compiled together:
   activations, and the truncation's backward in one call (:func:`lstm_tape`, what
   first-order meta-training runs through :meth:`l2o.LSTMRule.tape`).
 
-All serve float32 state on the CPU; everything else (float64, CUDA) runs the torch
-implementation, which computes the same math and is what the tests compare the kernels against.
+All serve float32 state on the CPU; everything else (float64, CUDA) runs the torch twins of
+:mod:`l2o.kernels.twin`, which compute the same math and are what the kernels are checked against.
 
 The sources are compiled once per machine into the ``kernels`` folder of the cache directory
 (``$L2O_CACHE``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o``; a temporary folder if that is
@@ -44,8 +46,8 @@ from ..cache import default_cache_dir
 
 __all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "TapeKernel", "TAPE_BLOCK", "is_available", "set_enabled"]
 
-#: Compiled as one translation unit, in this order (``lstm_tape.c`` reuses ``lstm_cell.c``'s exp).
-_SOURCES = (Path(__file__).with_name("lstm_cell.c"), Path(__file__).with_name("lstm_tape.c"))
+#: Compiled as one translation unit, in this order (the other two run ``lstm_gates.c``'s gate math).
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lstm_gates.c", "lstm_cell.c", "lstm_tape.c"))
 #: Compiler flag sets tried in order; the first that builds wins. ``-fno-trapping-math`` lets the
 #: compiler vectorise the clamps (it changes no result); OpenMP reuses the runtime torch loaded.
 _FLAG_SETS = (
