@@ -370,7 +370,7 @@ class LSTMAutograd(NamedTuple):
     threads: int
 
     def forward(self, act: Tensor, bias: Tensor, c: Tensor, c_new: Tensor, h: Tensor, tanh_c: Tensor,
-                h_copy: Tensor | None = None, out: tuple[Tensor, Tensor, float] | None = None) -> None:
+                h_copy: Tensor | None = None, out: tuple[Tensor, Tensor, Tensor | float] | None = None) -> None:
         r"""One layer's forward. On entry ``act`` (``(4H, m)``, contiguous) holds the products
         :math:`W [x; h]` without the bias; on return the activations
         :math:`[\sigma(a_i); \sigma(a_f); \sigma(a_o); \tanh(a_g)]` of :math:`a = W[x; h] + b`.
@@ -434,7 +434,7 @@ class TapeKernel:
         blocks = -(-n // TAPE_BLOCK)
         size = blocks * (steps + 1) * (features + 7 * hidden * layers) * TAPE_BLOCK
         if buffer is None or buffer.numel() < size:
-            buffer = torch.empty(size, dtype=torch.float32)
+            buffer = torch.empty(size, dtype=torch.float32, device="cpu")
         #: The tape's memory (reusable by a later tape of at most this size: see :func:`lstm_tape`).
         self.buffer = buffer
 
@@ -444,7 +444,7 @@ class TapeKernel:
 
     def forward(self, step: int, x: Tensor, weight: Tensor, bias: Tensor, out_w: Tensor, out_b: float) -> Tensor:
         """Step ``step`` (1-based) on the inputs ``x (F, n)``; returns the raw outputs ``u (n,)``."""
-        u = torch.empty(self.dims[-1], dtype=torch.float32)
+        u = torch.empty(self.dims[-1], dtype=torch.float32, device="cpu")
         self.fns.tape_forward(self.buffer.data_ptr(), *self.dims, step, x.data_ptr(), weight.data_ptr(),
                               bias.data_ptr(), out_w.data_ptr(), out_b, u.data_ptr(), self.threads)
         return u
@@ -452,7 +452,7 @@ class TapeKernel:
     def state(self, step: int) -> tuple[Tensor, Tensor]:
         """The hidden and cell state after step ``step`` (0: the initial state), each ``(L, H, n)``."""
         _, _, hidden, layers, n = self.dims
-        h, c = (torch.empty(layers, hidden, n, dtype=torch.float32) for _ in range(2))
+        h, c = (torch.empty(layers, hidden, n, dtype=torch.float32, device="cpu") for _ in range(2))
         self.fns.tape_state(self.buffer.data_ptr(), *self.dims, step, h.data_ptr(), c.data_ptr(), self.threads)
         return h, c
 
@@ -460,8 +460,9 @@ class TapeKernel:
         """Given ``du (steps, n)``, the gradient at every step's raw output, the gradients of the
         flat weights, the biases, the output weight ``(H,)`` and the output bias ``(1,)``."""
         _, _, hidden, layers, n = self.dims
-        dw, db = torch.empty_like(weight), torch.empty(layers * 4 * hidden, dtype=torch.float32)
-        dout_w, dout_b = torch.empty(hidden, dtype=torch.float32), torch.empty(1, dtype=torch.float32)
+        cpu32 = dict(dtype=torch.float32, device="cpu")
+        dw, db = torch.empty_like(weight), torch.empty(layers * 4 * hidden, **cpu32)
+        dout_w, dout_b = torch.empty(hidden, **cpu32), torch.empty(1, **cpu32)
         code = self.fns.tape_backward(self.buffer.data_ptr(), *self.dims, du.data_ptr(), weight.data_ptr(),
                                       out_w.data_ptr(), dw.data_ptr(), db.data_ptr(), dout_w.data_ptr(),
                                       dout_b.data_ptr(), self.threads)

@@ -25,6 +25,15 @@ TOLERANCE = 1e-4
 
 H, M = 5, 37  # hidden units (4H = 20 rows) and columns of the cell tests
 T, F, L, N = 2, 2, 2, 70  # the tape test: steps, input features, layers, coordinates
+CPU32 = dict(dtype=torch.float32, device="cpu")  # whatever the user's default dtype and device
+
+
+def _randn(*shape: int, gen: torch.Generator, scale: float = 1.0) -> Tensor:
+    return torch.randn(*shape, generator=gen, **CPU32) * scale
+
+
+def _empty(*shape: int) -> Tensor:
+    return torch.empty(*shape, **CPU32)
 
 
 def _error(got: Tensor, want: Tensor) -> float:
@@ -48,30 +57,31 @@ def _compare(name: str, got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> st
 
 
 def _cell(cell: Callable[..., None], gen: torch.Generator) -> str | None:
-    gates = torch.randn(4 * H, M, generator=gen) * 3.0
-    gates[:, 0] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, -1e30] * 4)  # saturation and NaN
-    c, h = torch.randn(H, M, generator=gen), torch.randn(H, M, generator=gen)
-    w = torch.randn(1, H, generator=gen)
+    gates = _randn(4 * H, M, gen=gen, scale=3.0)
+    special = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30] * 4
+    gates[:, 0] = torch.tensor(special, **CPU32)  # NaN stays NaN, saturation saturates
+    c, h = _randn(H, M, gen=gen), _randn(H, M, gen=gen)
+    w = _randn(1, H, gen=gen)
     results = []
-    for fn in (cell, lstm_cell(torch.empty(H * M))):
-        g, c1, h1, copy, u = gates.clone(), c.clone(), h.clone(), torch.empty(H, M), torch.empty(1, M)
+    for fn in (cell, lstm_cell(_empty(H * M))):
+        g, c1, h1, copy, u = gates.clone(), c.clone(), h.clone(), _empty(H, M), _empty(1, M)
         fn(g, c1, h1, copy, out=(u, w, 0.25))
         results.append((c1, h1, copy, u))
     return _compare("l2o_lstm_cell_f32", *results)
 
 
 def _autograd(autograd: Any, gen: torch.Generator) -> str | None:
-    pre, bias = torch.randn(4 * H, M, generator=gen) * 2.0, torch.randn(4 * H, generator=gen)
-    c = torch.randn(H, M, generator=gen)
-    dh, dh2, dc_new, du = (torch.randn(H, M, generator=gen), torch.randn(H, M, generator=gen),
-                           torch.randn(H, M, generator=gen), torch.randn(M, generator=gen))
-    w = torch.randn(1, H, generator=gen)
+    pre, bias = _randn(4 * H, M, gen=gen, scale=2.0), _randn(4 * H, gen=gen)
+    c = _randn(H, M, gen=gen)
+    dh, dh2, dc_new, du = (_randn(H, M, gen=gen), _randn(H, M, gen=gen),
+                           _randn(H, M, gen=gen), _randn(M, gen=gen))
+    w = _randn(1, H, gen=gen)
     forward, backward = [], []
     for ops in (autograd, AUTOGRAD):
-        act, c_new, h, tanh_c, copy, u = pre.clone(), *(torch.empty(H, M) for _ in range(4)), torch.empty(M)
+        act, c_new, h, tanh_c, copy, u = pre.clone(), *(_empty(H, M) for _ in range(4)), _empty(M)
         ops.forward(act, bias, c, c_new, h, tanh_c, h_copy=copy, out=(u, w, 0.5))
         forward.append((act, c_new, h, tanh_c, copy, u))
-        dact, dc = torch.empty(4 * H, M), torch.empty(H, M)
+        dact, dc = _empty(4 * H, M), _empty(H, M)
         ops.backward(act, c, tanh_c, (dh, dh2), du, w, dc_new, dact, dc)
         backward.append((dact, dc))
     return _compare("l2o_lstm_forward_f32", *forward) or _compare("l2o_lstm_backward_f32", *backward)
@@ -88,7 +98,7 @@ def _tape_twin(xs: Tensor, ws: list[Tensor], bs: list[Tensor], out_w: Tensor, ou
         inp, step = xs[s], []
         for layer in range(L):
             xh = torch.cat((inp, hs[layer]))
-            act, c_new, h_new, tanh_c = ws[layer] @ xh, *(torch.empty(H, N) for _ in range(3))
+            act, c_new, h_new, tanh_c = ws[layer] @ xh, *(_empty(H, N) for _ in range(3))
             AUTOGRAD.forward(act, bs[layer], cs[layer], c_new, h_new, tanh_c)
             step.append((xh, cs[layer], act, tanh_c))
             hs[layer], cs[layer], inp = h_new, c_new, h_new
@@ -96,7 +106,7 @@ def _tape_twin(xs: Tensor, ws: list[Tensor], bs: list[Tensor], out_w: Tensor, ou
         tops.append(inp)
         us.append((out_w @ inp).squeeze(0) + out_b)
     dws, dbs = [torch.zeros_like(w) for w in ws], [torch.zeros_like(b) for b in bs]
-    dout_w, dout_b = torch.zeros(H), torch.zeros(1)
+    dout_w, dout_b = torch.zeros(H, **CPU32), torch.zeros(1, **CPU32)
     dh_next: list[Tensor | None] = [None] * L
     dc_next: list[Tensor | None] = [None] * L
     for s in reversed(range(T)):
@@ -106,7 +116,7 @@ def _tape_twin(xs: Tensor, ws: list[Tensor], bs: list[Tensor], out_w: Tensor, ou
         for layer in reversed(range(L)):
             xh, c, act, tanh_c = saved[s][layer]
             top = layer == L - 1
-            dact, dc = torch.empty(4 * H, N), torch.empty(H, N)
+            dact, dc = _empty(4 * H, N), _empty(H, N)
             AUTOGRAD.backward(act, c, tanh_c, (dh_above, dh_next[layer]), du[s] if top else None,
                               out_w if top else None, dc_next[layer], dact, dc)
             dws[layer] += dact @ xh.t()
@@ -119,11 +129,11 @@ def _tape_twin(xs: Tensor, ws: list[Tensor], bs: list[Tensor], out_w: Tensor, ou
 
 
 def _tape(tape: Callable[..., Any], gen: torch.Generator) -> str | None:
-    ws = [torch.randn(4 * H, (F if layer == 0 else H) + H, generator=gen) * 0.5 for layer in range(L)]
-    bs = [torch.randn(4 * H, generator=gen) * 0.5 for _ in range(L)]
-    out_w, out_b = torch.randn(1, H, generator=gen), 0.3
-    h0, c0 = torch.randn(L, H, N, generator=gen), torch.randn(L, H, N, generator=gen)
-    xs, du = torch.randn(T, F, N, generator=gen), torch.randn(T, N, generator=gen)
+    ws = [_randn(4 * H, (F if layer == 0 else H) + H, gen=gen, scale=0.5) for layer in range(L)]
+    bs = [_randn(4 * H, gen=gen, scale=0.5) for _ in range(L)]
+    out_w, out_b = _randn(1, H, gen=gen), 0.3
+    h0, c0 = _randn(L, H, N, gen=gen), _randn(L, H, N, gen=gen)
+    xs, du = _randn(T, F, N, gen=gen), _randn(T, N, gen=gen)
     weight, bias, flat_w = torch.cat([w.reshape(-1) for w in ws]), torch.cat(bs), out_w.reshape(-1)
     kernel = tape(T, F, H, L, N)
     kernel.start(h0, c0)
@@ -142,7 +152,7 @@ def check(cell: Callable[..., None], autograd: Any, tape: Callable[..., Any]) ->
     ``cell`` contract, ``autograd`` is an :class:`~l2o.kernels.LSTMAutograd` and ``tape(steps,
     features, hidden, layers, n)`` makes a :class:`~l2o.kernels.TapeKernel`. Returns ``None`` if
     all agree, else what failed: the entry point and its error (or the exception it raised)."""
-    gen = torch.Generator().manual_seed(0)  # the global random state is left alone
+    gen = torch.Generator(device="cpu").manual_seed(0)  # the global random state is left alone
     for part, kernel in ((_cell, cell), (_autograd, autograd), (_tape, tape)):
         try:
             problem = part(kernel, gen)
