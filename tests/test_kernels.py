@@ -456,7 +456,8 @@ def test_self_test_failure_warns_once_and_falls_back(reloaded_kernels, monkeypat
     """A library whose entry point disagrees with the torch twin is not used: one warning naming
     the entry point, then the torch path."""
     _break(monkeypatch, entry)
-    with pytest.warns(RuntimeWarning, match=f"failed its self-test against torch \\({entry} differs from its torch twin"):
+    expected = f"failed its self-test against torch \\({entry} differs from its torch twin"
+    with pytest.warns(RuntimeWarning, match=expected):
         assert not kernels.is_available()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

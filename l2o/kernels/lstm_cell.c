@@ -181,11 +181,11 @@ static void backward_columns(const float *restrict act, const float *restrict c,
         float *dg = dact + 3 * hidden * m + r, *dck = dc + r;
         int64_t q = 0;
         for (; q + L2O_LANES <= n; q += L2O_LANES)
-            backward_vec(ai + q, af + q, ao + q, ag + q, tk + q, ck + q, dh + q, dcv + q, di + q, df + q, dor + q, dg + q,
-                         dck + q, L2O_LANES);
+            backward_vec(ai + q, af + q, ao + q, ag + q, tk + q, ck + q, dh + q, dcv + q, di + q, df + q, dor + q,
+                         dg + q, dck + q, L2O_LANES);
         if (q < n)
-            backward_vec(ai + q, af + q, ao + q, ag + q, tk + q, ck + q, dh + q, dcv + q, di + q, df + q, dor + q, dg + q,
-                         dck + q, n - q);
+            backward_vec(ai + q, af + q, ao + q, ag + q, tk + q, ck + q, dh + q, dcv + q, di + q, df + q, dor + q,
+                         dg + q, dck + q, n - q);
     }
 }
 

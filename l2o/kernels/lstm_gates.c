@@ -103,7 +103,8 @@ L2O_INLINE l2o_vec l2o_exp(l2o_vec x) {
 #else
     /* comparisons with NaN are false, so NaN stays NaN */
     const l2o_ivec hi = t > l2o_splat(126.0f), lo = t < l2o_splat(-126.0f);
-    t = (l2o_vec)((hi & (l2o_ivec)l2o_splat(126.0f)) | (lo & (l2o_ivec)l2o_splat(-126.0f)) | (~(hi | lo) & (l2o_ivec)t));
+    t = (l2o_vec)((hi & (l2o_ivec)l2o_splat(126.0f)) | (lo & (l2o_ivec)l2o_splat(-126.0f))
+                  | (~(hi | lo) & (l2o_ivec)t));
     const l2o_vec tm = t + 12582912.0f; /* 1.5 * 2^23: t + magic rounds t to an integer */
     const l2o_vec n = tm - 12582912.0f;
 #endif

@@ -186,7 +186,8 @@ static void tape_layer_forward(int64_t H, int64_t nin, const float *restrict W, 
         }
         for (int q = 0; q < TB; q += L2O_LANES)
             tape_gates_vec(k, H, q, l2o_load(a[0] + q, L2O_LANES), l2o_load(a[1] + q, L2O_LANES),
-                           l2o_load(a[2] + q, L2O_LANES), l2o_load(a[3] + q, L2O_LANES), cp, act, cn, tcn, hn, out_w, u);
+                           l2o_load(a[2] + q, L2O_LANES), l2o_load(a[3] + q, L2O_LANES), cp, act, cn, tcn, hn, out_w,
+                           u);
 #endif
     }
 }
