@@ -13,7 +13,7 @@ from l2o.tree import state_leaves
 from l2o.unroll import init_inner, loss_and_grads, truncate, unroll
 from optimizees.quadratic import QuadraticFamily, QuadraticTask
 from tests.helpers import NaNTask
-from tests.test_kernels import needs_compiler
+from tests.test_kernels import needs_compiler, portable_library, variant  # noqa: F401 (fixtures)
 
 pytestmark = needs_compiler
 
@@ -41,7 +41,7 @@ def _kernel_run(T, F, H, L, n, threads, seed=0):
 
 @pytest.mark.parametrize("dims", [(5, 1, 20, 2, 200), (3, 2, 7, 3, 131), (4, 2, 33, 1, 64), (2, 1, 4, 2, 5)],
                          ids=lambda d: "T{}-F{}-H{}-L{}-n{}".format(*d))
-def test_tape_kernel_matches_float64_autograd(dims):
+def test_tape_kernel_matches_float64_autograd(dims, variant):
     """Outputs, final state and every weight gradient of a truncation within 5e-6 (relative to the
     largest entry) of float64 autograd, for coordinate counts below, at and off the 64-wide blocks."""
     T, F, H, L, n = dims
@@ -66,7 +66,7 @@ def test_tape_kernel_matches_float64_autograd(dims):
     assert abs(float(dob) - float(grads[2 * L + 1])) < 5e-6 * float(grads[2 * L + 1].abs().clamp_min(1.0))
 
 
-def test_tape_kernel_is_independent_of_the_thread_count():
+def test_tape_kernel_is_independent_of_the_thread_count(variant):
     """The weight gradients are summed in fixed chunks: bitwise the same on 1 and 2 threads."""
     one = _kernel_run(6, 1, 20, 2, 1000, threads=1)
     two = _kernel_run(6, 1, 20, 2, 1000, threads=2)
@@ -93,7 +93,7 @@ def _setup(kw, num_functions=13, seed=0):
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 @pytest.mark.parametrize("uk", UNROLLS, ids=["loss", "log_loss", "weights"])
-def test_unroll_tape_matches_autograd(kw, uk):
+def test_unroll_tape_matches_autograd(kw, uk, variant):
     """unroll(tape=True) gives the meta-loss, losses, final state and meta-gradient (every weight,
     bias and residual step size) of the step-by-step autograd path, to float32 rounding."""
     rule, task, inner = _setup(kw)
@@ -114,7 +114,7 @@ def test_unroll_tape_matches_autograd(kw, uk):
     assert all(t.grad_fn is None for t in got.inner.params.values())
 
 
-def test_consecutive_tape_segments_match_autograd():
+def test_consecutive_tape_segments_match_autograd(variant):
     """Two truncations in a row (the trainer's pattern): the second segment's gradient matches too."""
     rule, task, inner = _setup({})
     grads = {}

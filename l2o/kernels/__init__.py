@@ -1,7 +1,9 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler.
 
-Two source files, compiled together:
+Three source files, compiled together as one translation unit:
 
+* ``lstm_gates.c``: the gate math of an LSTM cell, forward and backward, on a vector of
+  coordinates: the one definition the other two run.
 * ``lstm_cell.c``: the elementwise half of a coordinate-wise LSTM layer (four gate sigmoids, the
   cell and hidden update: one pass over the block instead of about a dozen torch kernels), in two
   forms. :func:`lstm_cell` updates the state in place (what :meth:`l2o.LSTMRule.update_`, and so
@@ -12,15 +14,31 @@ Two source files, compiled together:
   activations, and the truncation's backward in one call (:func:`lstm_tape`, what
   first-order meta-training runs through :meth:`l2o.LSTMRule.tape`).
 
-All serve float32 state on the CPU; everything else (float64, CUDA) runs the torch
-implementation, which computes the same math and is what the tests compare the kernels against.
+All serve float32 state on the CPU; everything else (float64, CUDA) runs the torch twins of
+:mod:`l2o.kernels.twin`, which compute the same math and are what the kernels are checked against.
 
 The sources are compiled once per machine into the ``kernels`` folder of the cache directory
-(``$L2O_CACHE``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o``; a temporary folder if that is
-not writable) and loaded with :mod:`ctypes`; no torch headers, so building takes well
-under a second. The compiler is ``$CC`` if set, else ``cc``, ``gcc`` or ``clang`` from ``PATH``.
-Without a working compiler the library warns once and falls back to torch. Set ``L2O_KERNELS=0``
-(or call :func:`set_enabled`) to never compile or use the kernels.
+(``$L2O_CACHE``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o``; the temporary folder
+``l2o-kernels-<uid>`` if that is not usable) and loaded with :mod:`ctypes`; no torch headers, so
+building takes about a second. A folder is used only if it belongs to the current user and no one
+else can write to it, and a library in it only if the same holds for the file (another local user
+could otherwise plant code there); l2o warns about a folder it refuses. The compiler is ``$CC`` if
+set, else ``cc``, ``gcc`` or ``clang`` from ``PATH``, with ``-O3 -march=native -fno-fast-math``
+(``-march=native`` is dropped if the compiler rejects it). When a library is loaded, every entry
+point runs once on small random inputs against its torch twin (:mod:`l2o.kernels.selftest`, a few
+milliseconds); a library that disagrees is not used. Without a working compiler, or after a failed
+self-test, the library warns once and falls back to torch.
+
+Environment:
+
+* ``L2O_KERNELS=0`` (or :func:`set_enabled`): never compile or use the kernels. Read once, on first
+  use.
+* ``L2O_KERNELS_PORTABLE=1``: build without ``-march=native`` and with the portable branch of the C
+  sources (no AVX-512 intrinsics), as on a machine without AVX-512; its own cache entry. The tests
+  use it to check the portable code on every machine.
+
+Under :func:`torch.compile` the kernels are not called (a compiled graph cannot run them): the
+torch twins run instead, and the compiler fuses their elementwise math itself.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -42,23 +61,28 @@ from torch import Tensor
 
 from ..cache import default_cache_dir
 from ..fileio import commit_temp, reserve_temp
+from . import selftest
 
 __all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "TapeKernel", "TAPE_BLOCK", "is_available", "set_enabled"]
 
-#: Compiled as one translation unit, in this order (``lstm_tape.c`` reuses ``lstm_cell.c``'s exp).
-_SOURCES = (Path(__file__).with_name("lstm_cell.c"), Path(__file__).with_name("lstm_tape.c"))
-#: Compiler flag sets tried in order; the first that builds wins. ``-fno-trapping-math`` lets the
-#: compiler vectorise the clamps (it changes no result); OpenMP reuses the runtime torch loaded.
+#: Compiled as one translation unit, in this order (the other two run ``lstm_gates.c``'s gate math).
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lstm_gates.c", "lstm_cell.c", "lstm_tape.c"))
+#: Compiler flag sets tried in order; the first that builds wins. ``-fno-fast-math`` first, so that
+#: no compiler default can fold the exp of ``lstm_gates.c`` away (the source refuses to compile in
+#: fast-math mode), and the two flags after it still apply: ``-fno-trapping-math`` lets the compiler
+#: vectorise the clamps (it changes no result). OpenMP reuses the runtime torch loaded.
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"],
-    ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno"],
-    ["-O3", "-fno-trapping-math", "-fno-math-errno"],
+    ["-O3", "-fno-fast-math", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"],
+    ["-O3", "-fno-fast-math", "-march=native", "-fno-trapping-math", "-fno-math-errno"],
+    ["-O3", "-fno-fast-math", "-fno-trapping-math", "-fno-math-errno"],
 )
+#: What ``L2O_KERNELS_PORTABLE=1`` builds with instead of ``-march=native``.
+_PORTABLE_FLAG = "-DL2O_PORTABLE"
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # taken only to load the library, once per process
 _enabled: bool | None = None  # None: read L2O_KERNELS on first use
 _UNLOADED: Any = object()
-_kernel: Any = _UNLOADED  # after the first use: the _Kernels, or None if they could not be built
+_kernel: Any = _UNLOADED  # after the first use: the _Kernels, or None if they could not be built or checked
 _warned = False
 
 
@@ -71,9 +95,26 @@ def set_enabled(enabled: bool) -> None:
 
 
 def _is_enabled() -> bool:
-    if _enabled is not None:
-        return _enabled
-    return os.environ.get("L2O_KERNELS", "1").strip().lower() not in ("0", "off", "false", "no")
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get("L2O_KERNELS", "1").strip().lower() not in ("0", "off", "false", "no")
+    return _enabled
+
+
+def _portable() -> bool:
+    return os.environ.get("L2O_KERNELS_PORTABLE", "").strip().lower() in ("1", "on", "true", "yes")
+
+
+def _flag_sets() -> list[list[str]]:
+    """The flag sets to try: :data:`_FLAG_SETS`, or with ``L2O_KERNELS_PORTABLE`` their portable form."""
+    if not _portable():
+        return [list(flags) for flags in _FLAG_SETS]
+    sets: list[list[str]] = []
+    for flags in _FLAG_SETS:
+        portable = [f for f in flags if f != "-march=native"] + [_PORTABLE_FLAG]
+        if portable not in sets:
+            sets.append(portable)
+    return sets
 
 
 def _compiler() -> str | None:
@@ -101,19 +142,73 @@ def _cpu_signature() -> str:
     return "\n".join(parts)
 
 
+def _not_private(path: Path, what: str) -> str | None:
+    """Why ``path`` (a ``"folder"`` or a ``"file"``, links followed) must not be trusted with code,
+    or ``None``: it must belong to the current user and be writable by no one else."""
+    getuid = getattr(os, "getuid", None)
+    if getuid is None:  # no POSIX ownership (Windows): nothing to check
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # e.g. a dangling link
+        return f"unreadable ({exc.strerror})"
+    if not (stat.S_ISDIR if what == "folder" else stat.S_ISREG)(st.st_mode):
+        return f"not a {what}"
+    if st.st_uid != getuid():
+        return f"owned by user id {st.st_uid}, not by this user ({getuid()})"
+    writers = [who for bit, who in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if st.st_mode & bit]
+    if writers:
+        return f"writable by {' and '.join(writers)} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _refuse(path: Path, what: str, reason: str, instead: str) -> str:
+    """Warn that ``path`` is not used (see :func:`_not_private`); returns the reason for the error list."""
+    warnings.warn(f"l2o: not using the compiled-kernel {what} {path}: it is {reason}, so another local user could "
+                  f"have put code there; {instead}. Fix it (chown it to yourself, chmod go-w) or set L2O_CACHE to "
+                  "a private folder.", RuntimeWarning, stacklevel=2)
+    return f"{path}: refused ({reason})"
+
+
+def _cache_dirs() -> tuple[Path, Path]:
+    """The kernel cache folder, then the fallback in the temporary folder."""
+    uid = getattr(os, "getuid", lambda: 0)()
+    return default_cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"l2o-kernels-{uid}"
+
+
+def _usable(directory: Path, errors: list[str]) -> bool:
+    """Whether the cache folder ``directory`` exists or can be made, and passes :func:`_not_private`
+    (if not, the reason goes to ``errors``, and a refusal into a warning)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # private if made here
+        refused = _not_private(directory, "folder")
+    except OSError as exc:  # cache not usable: try the next directory
+        errors.append(f"{directory}: {exc}")
+        return False
+    if refused is not None:
+        errors.append(_refuse(directory, "cache folder", refused, "trying the next one"))
+    return refused is None
+
+
 def _build(compiler: str, source: bytes) -> Path:
     """Compile ``source`` into the cache (or reuse a build of the same source, compiler, flags and CPU)."""
-    errors = []
-    for flags in _FLAG_SETS:
+    errors: list[str] = []
+    usable: dict[Path, bool] = {}  # each folder checked once, when first needed
+    for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        fallback = Path(tempfile.gettempdir()) / f"l2o-kernels-{getattr(os, 'getuid', lambda: 0)()}"
-        for directory in (default_cache_dir() / "kernels", fallback):
+        for directory in _cache_dirs():
+            if directory not in usable:
+                usable[directory] = _usable(directory, errors)
+            if not usable[directory]:
+                continue
             target = directory / f"lstm_cell-{key}.so"
-            if target.exists():
-                return target
+            if os.path.lexists(target):
+                refused = _not_private(target, "file")
+                if refused is None:
+                    return target
+                _refuse(target, "library", refused, "compiling it again")  # the folder is ours: replaced below
             try:
-                directory.mkdir(parents=True, exist_ok=True)
                 tmp = reserve_temp(target)
             except OSError as exc:  # cache not writable: try the next directory
                 errors.append(f"{directory}: {exc}")
@@ -122,6 +217,7 @@ def _build(compiler: str, source: bytes) -> Path:
                 proc = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-x", "c", "-", "-o", tmp],
                                       input=source, capture_output=True, timeout=120)
                 if proc.returncode == 0:
+                    os.chmod(tmp, 0o700)  # whatever the linker's mode: private, so the next load accepts it
                     commit_temp(tmp, target)  # atomic: a concurrent process sees all of it or nothing
                     return target
                 errors.append(f"{' '.join(flags)}: {proc.stderr.decode(errors='replace').strip()[-300:]}")
@@ -147,6 +243,8 @@ class _Kernels(NamedTuple):
 
 
 def _load() -> _Kernels | None:
+    """Build (or find) the library, load it and run the self-test; ``None`` (after one warning) if
+    any of that fails."""
     global _warned
     compiler = _compiler()
     try:
@@ -158,11 +256,23 @@ def _load() -> _Kernels | None:
                        lib.l2o_tape_start_f32, lib.l2o_tape_forward_f32, lib.l2o_tape_state_f32,
                        lib.l2o_tape_backward_f32)
     except (OSError, RuntimeError, AttributeError) as exc:
-        if not _warned:
-            _warned = True
-            warnings.warn(f"l2o: could not build the compiled LSTM kernel ({exc}); using the torch implementation, "
-                          "which is slower. Set L2O_KERNELS=0 to skip this attempt.", RuntimeWarning, stacklevel=3)
-        return None
+        problem = f"could not build the compiled LSTM kernel ({exc})"
+    else:
+        _declare(fns)
+        failed = selftest.check(_bind_cell(fns, 1), LSTMAutograd(fns, 1),
+                                lambda *dims: TapeKernel(fns, *dims, threads=1))
+        if failed is None:
+            return fns
+        problem = f"the compiled LSTM kernel failed its self-test against torch ({failed})"
+    if not _warned:
+        _warned = True
+        warnings.warn(f"l2o: {problem}; using the torch implementation, which is slower. Set L2O_KERNELS=0 to skip "
+                      "this attempt.", RuntimeWarning, stacklevel=4)
+    return None
+
+
+def _declare(fns: _Kernels) -> None:
+    """The entry points' C signatures."""
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     fns.cell.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, f32, i64, i64, i64]
     fns.forward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, i64, i64, i64]
@@ -175,19 +285,27 @@ def _load() -> _Kernels | None:
     for fn in fns:
         fn.restype = None
     fns.tape_backward.restype = ctypes.c_int
-    return fns
 
 
 def is_available() -> bool:
-    """Whether the LSTM kernel is enabled and built (builds it on the first call)."""
+    """Whether the LSTM kernel is enabled, built and checked (builds it on the first call)."""
     return _get() is not None
 
 
 def _get() -> _Kernels | None:
-    global _kernel
-    if not _is_enabled():
+    """The loaded kernels, or ``None`` (disabled, unavailable, or inside :func:`torch.compile`).
+    After the first call this reads two module globals: no lock, no I/O."""
+    if not _is_enabled() or torch.compiler.is_compiling():
         return None
-    with _lock:
+    kernel = _kernel
+    if kernel is _UNLOADED:
+        kernel = _load_once()
+    return kernel
+
+
+def _load_once() -> _Kernels | None:
+    global _kernel
+    with _lock:  # one thread builds; the others wait for its result
         if _kernel is _UNLOADED:
             _kernel = _load()
         return _kernel
@@ -222,13 +340,15 @@ def lstm_cell(*tensors: Tensor, threads: int | None = None) -> Callable[..., Non
     float32 CPU tensor with contiguous rows. ``cell`` itself does no checks; it runs on ``threads``
     threads (default: ``torch.get_num_threads()`` at this call).
     """
-    if not _fits(tensors):
-        return None
     fns = _get()
-    if fns is None:
+    if fns is None or not _fits(tensors):
         return None
+    return _bind_cell(fns, torch.get_num_threads() if threads is None else threads)
+
+
+def _bind_cell(fns: _Kernels, nthreads: int) -> Callable[..., None]:
+    """:func:`lstm_cell`'s ``cell`` on ``nthreads`` threads."""
     fn = fns.cell
-    nthreads = torch.get_num_threads() if threads is None else threads
 
     def cell(gates: Tensor, c: Tensor, h: Tensor, h_copy: Tensor | None = None,
              out: tuple[Tensor, Tensor, Tensor | float] | None = None) -> None:
@@ -250,7 +370,7 @@ class LSTMAutograd(NamedTuple):
     threads: int
 
     def forward(self, act: Tensor, bias: Tensor, c: Tensor, c_new: Tensor, h: Tensor, tanh_c: Tensor,
-                h_copy: Tensor | None = None, out: tuple[Tensor, Tensor, float] | None = None) -> None:
+                h_copy: Tensor | None = None, out: tuple[Tensor, Tensor, Tensor | float] | None = None) -> None:
         r"""One layer's forward. On entry ``act`` (``(4H, m)``, contiguous) holds the products
         :math:`W [x; h]` without the bias; on return the activations
         :math:`[\sigma(a_i); \sigma(a_f); \sigma(a_o); \tanh(a_g)]` of :math:`a = W[x; h] + b`.
@@ -284,10 +404,8 @@ def lstm_autograd(*tensors: Tensor, threads: int | None = None) -> LSTMAutograd 
     where their docstrings say otherwise. They run on ``threads`` threads (default:
     ``torch.get_num_threads()`` at this call).
     """
-    if not _fits(tensors):
-        return None
     fns = _get()
-    if fns is None:
+    if fns is None or not _fits(tensors):
         return None
     return LSTMAutograd(fns, torch.get_num_threads() if threads is None else threads)
 
@@ -316,7 +434,7 @@ class TapeKernel:
         blocks = -(-n // TAPE_BLOCK)
         size = blocks * (steps + 1) * (features + 7 * hidden * layers) * TAPE_BLOCK
         if buffer is None or buffer.numel() < size:
-            buffer = torch.empty(size, dtype=torch.float32)
+            buffer = torch.empty(size, dtype=torch.float32, device="cpu")
         #: The tape's memory (reusable by a later tape of at most this size: see :func:`lstm_tape`).
         self.buffer = buffer
 
@@ -326,7 +444,7 @@ class TapeKernel:
 
     def forward(self, step: int, x: Tensor, weight: Tensor, bias: Tensor, out_w: Tensor, out_b: float) -> Tensor:
         """Step ``step`` (1-based) on the inputs ``x (F, n)``; returns the raw outputs ``u (n,)``."""
-        u = torch.empty(self.dims[-1], dtype=torch.float32)
+        u = torch.empty(self.dims[-1], dtype=torch.float32, device="cpu")
         self.fns.tape_forward(self.buffer.data_ptr(), *self.dims, step, x.data_ptr(), weight.data_ptr(),
                               bias.data_ptr(), out_w.data_ptr(), out_b, u.data_ptr(), self.threads)
         return u
@@ -334,7 +452,7 @@ class TapeKernel:
     def state(self, step: int) -> tuple[Tensor, Tensor]:
         """The hidden and cell state after step ``step`` (0: the initial state), each ``(L, H, n)``."""
         _, _, hidden, layers, n = self.dims
-        h, c = (torch.empty(layers, hidden, n, dtype=torch.float32) for _ in range(2))
+        h, c = (torch.empty(layers, hidden, n, dtype=torch.float32, device="cpu") for _ in range(2))
         self.fns.tape_state(self.buffer.data_ptr(), *self.dims, step, h.data_ptr(), c.data_ptr(), self.threads)
         return h, c
 
@@ -342,8 +460,9 @@ class TapeKernel:
         """Given ``du (steps, n)``, the gradient at every step's raw output, the gradients of the
         flat weights, the biases, the output weight ``(H,)`` and the output bias ``(1,)``."""
         _, _, hidden, layers, n = self.dims
-        dw, db = torch.empty_like(weight), torch.empty(layers * 4 * hidden, dtype=torch.float32)
-        dout_w, dout_b = torch.empty(hidden, dtype=torch.float32), torch.empty(1, dtype=torch.float32)
+        cpu32 = dict(dtype=torch.float32, device="cpu")
+        dw, db = torch.empty_like(weight), torch.empty(layers * 4 * hidden, **cpu32)
+        dout_w, dout_b = torch.empty(hidden, **cpu32), torch.empty(1, **cpu32)
         code = self.fns.tape_backward(self.buffer.data_ptr(), *self.dims, du.data_ptr(), weight.data_ptr(),
                                       out_w.data_ptr(), dw.data_ptr(), db.data_ptr(), dout_w.data_ptr(),
                                       dout_b.data_ptr(), self.threads)

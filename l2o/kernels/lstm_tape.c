@@ -2,7 +2,7 @@
  * (float32, CPU): the "tape" that first-order meta-training runs on.
  *
  * Part of l2o (see l2o/kernels/__init__.py). Compiled in one translation unit after
- * lstm_cell.c, whose exp and sigmoid it reuses.
+ * lstm_gates.c, whose gate math (forward and backward) it runs.
  *
  * In first-order truncated BPTT the gradients fed to the rule are constants, so the meta-loss
  * reaches the LSTM weights only through the updates u_1..u_T of the truncation, with known
@@ -23,7 +23,7 @@
  *     a = W_l [in_l; h_{s-1}] + b_l,  i, f, o = sigmoid(a_i, a_f, a_o),  g = tanh(a_g)
  *     c_s = f c_{s-1} + i g,  h_s = o tanh(c_s),  and on the top layer u_s = w_out . h_s + b_out.
  * Each hidden unit's four gate rows are one 4 x 64 register tile of the product; the gate math
- * runs on the tile in registers (tanh(x) = 2 sigmoid(2x) - 1, as in lstm_cell.c).
+ * (lstm_gates.c) runs on the tile in registers.
  *
  * Backward, per block, s = T..1, layers from the top, with dh the gradient at h_s (the next
  * step's recurrent part, the layer above's input part, and w_out du_s on the top layer) and dc
@@ -124,6 +124,24 @@ void l2o_tape_state_f32(float *tape, int64_t T, int64_t F, int64_t H, int64_t L,
     }
 }
 
+/* The gate math of hidden unit k on the vector of columns from q of a block, from the
+ * pre-activations (without the cell rows' doubling): writes the activations, c, tanh(c), h; adds
+ * w_out[k] h to u if not NULL. */
+L2O_INLINE void tape_gates_vec(int64_t k, int64_t H, int64_t q, l2o_vec ai, l2o_vec af, l2o_vec ao, l2o_vec ag,
+                               const float *cp, float *act, float *cn, float *tcn, float *hn, const float *out_w,
+                               float *u) {
+    const int64_t V = L2O_LANES;
+    const l2o_cell r = l2o_gates(ai, af, ao, ag + ag, l2o_load(cp + k * TB + q, V));
+    l2o_store(act + k * TB + q, r.i, V);
+    l2o_store(act + (H + k) * TB + q, r.f, V);
+    l2o_store(act + (2 * H + k) * TB + q, r.o, V);
+    l2o_store(act + (3 * H + k) * TB + q, r.g, V);
+    l2o_store(cn + k * TB + q, r.c, V);
+    l2o_store(tcn + k * TB + q, r.tc, V);
+    l2o_store(hn + k * TB + q, r.h, V);
+    if (u) l2o_store(u + q, l2o_fma(l2o_splat(out_w[k]), r.h, l2o_load(u + q, V)), V);
+}
+
 /* One layer of the forward on one block: reads in (nin rows), the old state hp, cp; writes the
  * activations, c, tanh(c), h; adds w_out . h to u (TB floats) when u is not NULL. */
 static void tape_layer_forward(int64_t H, int64_t nin, const float *restrict W, const float *restrict b,
@@ -132,7 +150,7 @@ static void tape_layer_forward(int64_t H, int64_t nin, const float *restrict W, 
     const int64_t K = nin + H;
     for (int64_t k = 0; k < H; ++k) {
         const float *w[4] = {W + k * K, W + (H + k) * K, W + (2 * H + k) * K, W + (3 * H + k) * K};
-#if defined(__AVX512F__)
+#if L2O_AVX512
         __m512 a[4][4];
         for (int g = 0; g < 4; ++g)
             for (int v = 0; v < 4; ++v) a[g][v] = _mm512_set1_ps(b[g * H + k]);
@@ -152,25 +170,11 @@ static void tape_layer_forward(int64_t H, int64_t nin, const float *restrict W, 
                 }
             }
         }
-        const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
-        for (int v = 0; v < 4; ++v) {
-            const int64_t q = 16 * v;
-            const __m512 i = l2o_sigmoid16(a[0][v]), f = l2o_sigmoid16(a[1][v]), o = l2o_sigmoid16(a[2][v]);
-            const __m512 g = _mm512_fmsub_ps(two, l2o_sigmoid16(_mm512_mul_ps(two, a[3][v])), one);
-            const __m512 c = _mm512_fmadd_ps(f, _mm512_load_ps(cp + k * TB + q), _mm512_mul_ps(i, g));
-            const __m512 tc = _mm512_fmsub_ps(two, l2o_sigmoid16(_mm512_mul_ps(two, c)), one);
-            const __m512 h = _mm512_mul_ps(o, tc);
-            _mm512_store_ps(act + k * TB + q, i);
-            _mm512_store_ps(act + (H + k) * TB + q, f);
-            _mm512_store_ps(act + (2 * H + k) * TB + q, o);
-            _mm512_store_ps(act + (3 * H + k) * TB + q, g);
-            _mm512_store_ps(cn + k * TB + q, c);
-            _mm512_store_ps(tcn + k * TB + q, tc);
-            _mm512_store_ps(hn + k * TB + q, h);
-            if (u) _mm512_store_ps(u + q, _mm512_fmadd_ps(_mm512_set1_ps(out_w[k]), h, _mm512_load_ps(u + q)));
-        }
+        for (int v = 0; v < 4; ++v) /* L2O_LANES is 16 here */
+            tape_gates_vec(k, H, 16 * v, (l2o_vec)a[0][v], (l2o_vec)a[1][v], (l2o_vec)a[2][v], (l2o_vec)a[3][v], cp,
+                           act, cn, tcn, hn, out_w, u);
 #else
-        float a[4][TB];
+        float a[4][TB] __attribute__((aligned(64)));
         for (int g = 0; g < 4; ++g)
             for (int q = 0; q < TB; ++q) a[g][q] = b[g * H + k];
         for (int64_t r = 0; r < K; ++r) {
@@ -180,20 +184,10 @@ static void tape_layer_forward(int64_t H, int64_t nin, const float *restrict W, 
                 for (int q = 0; q < TB; ++q) a[g][q] += wg * x[q];
             }
         }
-        for (int q = 0; q < TB; ++q) {
-            const float i = l2o_sigmoid(a[0][q]), f = l2o_sigmoid(a[1][q]), o = l2o_sigmoid(a[2][q]);
-            const float g = 2.0f * l2o_sigmoid(2.0f * a[3][q]) - 1.0f;
-            const float c = f * cp[k * TB + q] + i * g;
-            const float tc = 2.0f * l2o_sigmoid(2.0f * c) - 1.0f;
-            act[k * TB + q] = i;
-            act[(H + k) * TB + q] = f;
-            act[(2 * H + k) * TB + q] = o;
-            act[(3 * H + k) * TB + q] = g;
-            cn[k * TB + q] = c;
-            tcn[k * TB + q] = tc;
-            hn[k * TB + q] = o * tc;
-            if (u) u[q] += out_w[k] * (o * tc);
-        }
+        for (int q = 0; q < TB; q += L2O_LANES)
+            tape_gates_vec(k, H, q, l2o_load(a[0] + q, L2O_LANES), l2o_load(a[1] + q, L2O_LANES),
+                           l2o_load(a[2] + q, L2O_LANES), l2o_load(a[3] + q, L2O_LANES), cp, act, cn, tcn, hn, out_w,
+                           u);
 #endif
     }
 }
@@ -223,7 +217,7 @@ void l2o_tape_forward_f32(float *tape, int64_t T, int64_t F, int64_t H, int64_t 
     }
 }
 
-#if defined(__AVX512F__)
+#if L2O_AVX512
 /* dst (16 x 16, row stride ldd) = the transpose of src (16 x 16, row stride lds). */
 static inline __attribute__((always_inline)) void tape_transpose16(const float *src, int64_t lds, float *dst, int64_t ldd) {
     __m512 r[16], t[16];
@@ -286,7 +280,7 @@ static inline __attribute__((always_inline)) void tape_dw_tile(const float *rest
 
 /* accT (rows x R16) += X (rows x TB) DT (TB x R16). */
 static void tape_dw(const float *restrict X, int64_t rows, const float *restrict DT, int64_t R16, float *restrict accT) {
-#if defined(__AVX512F__)
+#if L2O_AVX512
     int64_t k0 = 0;
     for (; k0 + 4 <= rows; k0 += 4) { TAPE_DW_ROWS(4) }
     for (; k0 < rows; ++k0) { TAPE_DW_ROWS(1) }
@@ -304,7 +298,7 @@ static void tape_dw(const float *restrict X, int64_t rows, const float *restrict
 static void tape_wtd(const float *restrict W, int64_t R, int64_t K, int64_t k0, int64_t k1, const float *restrict D,
                      float *restrict Z, int add) {
     int64_t k = k0;
-#if defined(__AVX512F__)
+#if L2O_AVX512
     for (; k + 4 <= k1; k += 4) {
         __m512 acc[4][4];
         for (int i = 0; i < 4; ++i)
@@ -346,29 +340,17 @@ static void tape_gates_backward(int64_t H, const float *act, const float *tcn, c
         const float *ag = act + (3 * H + k) * TB, *tk = tcn + k * TB, *ck = cp + k * TB, *dhk = dh + k * TB;
         float *dck = dc + k * TB;
         float *di = da + k * TB, *df = da + (H + k) * TB, *dob = da + (2 * H + k) * TB, *dg = da + (3 * H + k) * TB;
-#if defined(__AVX512F__)
-        const __m512 one = _mm512_set1_ps(1.0f);
-        for (int q = 0; q < TB; q += 16) {
-            const __m512 i = _mm512_load_ps(ai + q), f = _mm512_load_ps(af + q), o = _mm512_load_ps(ao + q);
-            const __m512 g = _mm512_load_ps(ag + q), t = _mm512_load_ps(tk + q), h = _mm512_load_ps(dhk + q);
-            const __m512 dcv = _mm512_fmadd_ps(_mm512_mul_ps(h, o), _mm512_fnmadd_ps(t, t, one), _mm512_load_ps(dck + q));
-            _mm512_store_ps(di + q, _mm512_mul_ps(_mm512_mul_ps(dcv, g), _mm512_fnmadd_ps(i, i, i)));
-            _mm512_store_ps(df + q, _mm512_mul_ps(_mm512_mul_ps(dcv, _mm512_load_ps(ck + q)), _mm512_fnmadd_ps(f, f, f)));
-            _mm512_store_ps(dob + q, _mm512_mul_ps(_mm512_mul_ps(h, t), _mm512_fnmadd_ps(o, o, o)));
-            _mm512_store_ps(dg + q, _mm512_mul_ps(_mm512_mul_ps(dcv, i), _mm512_fnmadd_ps(g, g, one)));
-            _mm512_store_ps(dck + q, _mm512_mul_ps(dcv, f));
+        for (int q = 0; q < TB; q += L2O_LANES) {
+            const int64_t V = L2O_LANES;
+            const l2o_dcell d = l2o_gates_backward(l2o_load(ai + q, V), l2o_load(af + q, V), l2o_load(ao + q, V),
+                                                   l2o_load(ag + q, V), l2o_load(tk + q, V), l2o_load(ck + q, V),
+                                                   l2o_load(dhk + q, V), l2o_load(dck + q, V));
+            l2o_store(di + q, d.di, V);
+            l2o_store(df + q, d.df, V);
+            l2o_store(dob + q, d.dout, V);
+            l2o_store(dg + q, d.dg, V);
+            l2o_store(dck + q, d.dc, V);
         }
-#else
-        for (int q = 0; q < TB; ++q) {
-            const float i = ai[q], f = af[q], o = ao[q], g = ag[q], t = tk[q], h = dhk[q];
-            const float dcv = dck[q] + h * o * (1.0f - t * t);
-            di[q] = dcv * g * (i - i * i);
-            df[q] = dcv * ck[q] * (f - f * f);
-            dob[q] = h * t * (o - o * o);
-            dg[q] = dcv * i * (1.0f - g * g);
-            dck[q] = dcv * f;
-        }
-#endif
     }
 }
 
@@ -442,7 +424,7 @@ int l2o_tape_backward_f32(float *tape, int64_t T, int64_t F, int64_t H, int64_t 
                     float *dhl = dh + l * H * TB;
                     lacc -= (K + 1) * R16;
                     tape_gates_backward(H, act, act + 5 * H * TB, prev + (row + 4 * H) * TB, dhl, dc + l * H * TB, da);
-#if defined(__AVX512F__)
+#if L2O_AVX512
                     for (int64_t r0 = 0; r0 + 16 <= 4 * H; r0 += 16)
                         for (int q0 = 0; q0 < TB; q0 += 16) tape_transpose16(da + r0 * TB + q0, TB, daT + q0 * R16 + r0, R16);
                     for (int64_t r = 4 * H / 16 * 16; r < 4 * H; ++r)

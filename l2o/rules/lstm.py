@@ -20,17 +20,19 @@ equivariant to permuting coordinates.
 Implementation: all state is stored feature-major, ``(H, N)``, so that every gate is a contiguous
 block of memory, and one :class:`torch.autograd.Function` computes a whole step (all layers and the
 output) with a hand-written backward; for float32 CPU state its gate math, forward and backward,
-runs in the compiled kernel of :mod:`l2o.kernels` (one pass per layer each way). The torch path
-uses :math:`\tanh(x) = 2\sigma(2x) - 1` (``tanh`` is several times slower than ``sigmoid`` on
-CPU). ``fused=False`` selects a plain-autograd reference
-implementation of the same math (used by the tests, and twice differentiable).
+runs in the compiled kernel of :mod:`l2o.kernels` (one pass per layer each way), elsewhere in the
+kernel's torch twin (:mod:`l2o.kernels.twin`, which writes the gate math once, with
+:math:`\tanh(x) = 2\sigma(2x) - 1`: ``tanh`` is several times slower than ``sigmoid`` on CPU).
+``fused=False`` selects a plain-autograd reference implementation of the same math with the
+standard ``tanh`` (used by the tests, and twice differentiable).
 
 :meth:`LSTMRule.update_` (what the drop-in optimizer calls) computes the same step without autograd,
 overwriting the state in place and walking the coordinates in blocks of :data:`BLOCK_COLUMNS`, so
 that a block's gate tensor stays in cache and nothing of the size of the whole gate tensor
 (``4H x N``: 340 MB for a 1M-parameter model) is ever allocated. For float32 CPU state the gate
 math after each block's matrix product runs in one pass of the compiled kernel of
-:mod:`l2o.kernels` (the same math; the torch path runs where it is unavailable).
+:mod:`l2o.kernels` (the same math; its torch twin runs where it is unavailable, and under
+:func:`torch.compile`, which can trace ``update_`` and ``update`` whole).
 
 :meth:`LSTMRule.tape` (what first-order meta-training runs, through ``l2o.unroll(..., tape=True)``)
 runs a whole truncation in the compiled tape kernel, without a graph per step; see
@@ -40,13 +42,14 @@ runs a whole truncation in the compiled tape kernel, without a graph per step; s
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
+from ..kernels import twin
 from ..tree import Params, flatten, num_elements, split_like
 from .base import (Rule, RuleTape, check_bool, check_hyperparameter, check_params, check_positive_int,
                    check_update_args)
@@ -77,52 +80,21 @@ class LSTMState(NamedTuple):
     velocity: tuple[Tensor, ...] = ()
 
 
-def _sigmoid_tanh(x: Tensor) -> Tensor:
-    """``tanh(x)`` computed as ``2 sigmoid(2x) - 1`` (much faster on CPU)."""
-    return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
-
-
-def _cell_forward(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor, hidden: int):
-    """One LSTM layer, feature-major; returns new (h, c) and what the backward needs.
-
-    The cell-gate rows of the pre-activations are doubled so that one ``sigmoid`` over all four
-    gates gives ``i, f, o`` and ``sigmoid(2a)``, from which ``g = tanh(a) = 2 sigmoid(2a) - 1``.
-    """
-    xh = torch.cat((x, h))
-    gates = torch.mm(weight, xh).add_(bias.unsqueeze(1))
-    gates[3 * hidden:] *= 2.0
-    s = gates.sigmoid_()
-    i, f, o = s[:hidden], s[hidden:2 * hidden], s[2 * hidden:3 * hidden]
-    g = s[3 * hidden:] * 2.0 - 1.0
-    c_new = torch.addcmul(f * c, i, g)
-    tc = _sigmoid_tanh(c_new)
-    h_new = o * tc
-    return h_new, c_new, (xh, c, s, g, tc)
-
-
-def _cell_backward(dh: Tensor, dc_new: Tensor, weight: Tensor, saved: tuple, hidden: int):
-    """Backward of :func:`_cell_forward`: returns d(x;h), dc, dweight, dbias.
-
-    With ``s = sigmoid`` of the (cell-rows-doubled) pre-activations, every gate's derivative is
-    ``s (1 - s)`` times the gradient with respect to ``s``; for the cell gate ``g = 2 s - 1`` and
-    the doubling contribute the factor 4.
-    """
-    xh, c, s, g, tc = saved
-    i, f, o = s[:hidden], s[hidden:2 * hidden], s[2 * hidden:3 * hidden]
-    dc = torch.addcmul(dc_new, dh * o, 1.0 - tc * tc)
-    ds = torch.cat((dc * g, dc * c, dh * tc, (dc * i).mul_(4.0)))
-    dgates = ds.mul_(s - s * s)
-    dxh = weight.t() @ dgates
-    dweight = dgates @ xh.t()
-    dbias = dgates.sum(1)
-    return dxh, dc * f, dweight, dbias
-
-
 class _FusedLSTMStep(torch.autograd.Function):
-    """One step of the stacked coordinate-wise LSTM and its output layer, hand-differentiated.
+    r"""One step of the stacked coordinate-wise LSTM and its output layer, hand-differentiated.
 
     Inputs: ``x (F, N)``, ``L`` hidden ``(H, N)``, ``L`` cell ``(H, N)``, ``L`` (weight, bias)
     pairs, output weight ``(1, H)`` and bias ``(1,)``. Outputs: ``u (N,)``, new hidden, new cell.
+
+    Per layer: one product :math:`W [x; h]`, then one call of the gate math
+    (:func:`l2o.kernels.lstm_autograd`'s compiled forward for float32 CPU tensors, else its torch
+    twin, :data:`l2o.kernels.twin.AUTOGRAD`) that turns it into the activations (kept for the
+    backward, with :math:`c` and :math:`\tanh(c')`) and writes the new state, a copy of
+    :math:`h'` into the next layer's ``[x; h]`` and, on the top layer, the output. The backward,
+    per layer from the top: one call gives the pre-activations' gradient ``dact`` and the old
+    cell's (the gradient at :math:`h'` summed inside it from the layer above, the next step and
+    the output layer), then :math:`dW = dact\,[x; h]^\top`, :math:`db = \sum_j dact`,
+    :math:`d[x; h] = W^\top dact` (only the rows something needs).
     """
 
     @staticmethod
@@ -130,133 +102,75 @@ class _FusedLSTMStep(torch.autograd.Function):
         hs, cs = args[:num_layers], args[num_layers:2 * num_layers]
         layer_params = args[2 * num_layers:4 * num_layers]
         out_w, out_b = args[4 * num_layers], args[4 * num_layers + 1]
-        hidden = hs[0].shape[0]
-        ctx.kernels = kernels.lstm_autograd(x, *args)
-        if ctx.kernels is not None:
-            return _kernel_forward(ctx, x, hs, cs, layer_params, out_w, out_b)
+        compiled = kernels.lstm_autograd(x, *args)
+        ops = twin.AUTOGRAD if compiled is None else compiled
+        L, (H, n) = num_layers, hs[0].shape
+        new = dict(dtype=x.dtype, device=x.device)
+        hs, cs = [h.contiguous() for h in hs], [c.contiguous() for c in cs]
+        out_w = out_w.contiguous()
+        u = torch.empty(n, **new)
+        xh = torch.cat((x, hs[0]))
         new_h, new_c, saved = [], [], []
-        inp = x
-        for layer in range(num_layers):
-            h, c, sv = _cell_forward(inp, hs[layer], cs[layer], layer_params[2 * layer],
-                                     layer_params[2 * layer + 1], hidden)
-            new_h.append(h)
-            new_c.append(c)
-            saved.extend(sv)
-            inp = h
-        u = torch.addmm(out_b.unsqueeze(1), out_w, inp).squeeze(0)
-        ctx.num_layers = num_layers
-        ctx.hidden = hidden
-        ctx.save_for_backward(inp, out_w, *layer_params[0::2], *saved)
+        for layer in range(L):
+            act = torch.mm(layer_params[2 * layer], xh)
+            c_new, h_new, tanh_c = (torch.empty(H, n, **new) for _ in range(3))
+            saved += [xh, cs[layer], act, tanh_c]
+            if layer + 1 < L:  # h' goes straight into the next layer's [x; h]
+                xh = torch.empty(2 * H, n, **new)
+                xh[H:].copy_(hs[layer + 1])
+                ops.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, h_copy=xh[:H])
+            else:
+                ops.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, out=(u, out_w, out_b))
+            new_h.append(h_new)
+            new_c.append(c_new)
+        ctx.ops, ctx.num_layers, ctx.hidden = ops, L, H
+        ctx.set_materialize_grads(False)  # absent gradients stay None: the backward reads them as zero
+        ctx.save_for_backward(new_h[-1], out_w, *layer_params[0::2], *saved)
         return (u, *new_h, *new_c)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, du: Tensor, *douts: Tensor):
-        if ctx.kernels is not None:
-            return _kernel_backward(ctx, du, douts)
-        L, H = ctx.num_layers, ctx.hidden
+    def backward(ctx: Any, du: Tensor | None, *douts: Tensor | None):
+        ops, L, H = ctx.ops, ctx.num_layers, ctx.hidden
         top, out_w, *rest = ctx.saved_tensors
         weights, saved = rest[:L], rest[L:]
-        dh_out, dc_out = douts[:L], douts[L:]
-        du2 = du.unsqueeze(0)
-        d_out_w = du2 @ top.t()
-        d_out_b = du2.sum(1)
-        dh = torch.addmm(dh_out[L - 1], out_w.t(), du2)
-        d_hs, d_cs, d_params = [None] * L, [None] * L, [None] * (2 * L)
-        dx = None
-        for layer in reversed(range(L)):
-            sv = saved[5 * layer:5 * layer + 5]
-            dxh, dc_prev, dw, db = _cell_backward(dh, dc_out[layer], weights[layer], sv, H)
-            n_in = dxh.shape[0] - H
-            d_hs[layer], d_cs[layer] = dxh[n_in:], dc_prev
-            d_params[2 * layer], d_params[2 * layer + 1] = dw, db
-            if layer > 0:
-                dh = dxh[:n_in] + dh_out[layer - 1]
-            else:
-                dx = dxh[:n_in]
-        return (dx, None, *d_hs, *d_cs, *d_params, d_out_w, d_out_b)
+        need = ctx.needs_input_grad  # (x, num_layers, *hs, *cs, *params, out_w, out_b)
 
+        def contiguous(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.contiguous()
 
-def _kernel_forward(ctx: Any, x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor],
-                    layer_params: Sequence[Tensor], out_w: Tensor, out_b: Tensor):
-    r""":meth:`_FusedLSTMStep.forward` with the gate math in the compiled kernel (float32 CPU).
-
-    Per layer: one product :math:`W [x; h]`, then one kernel pass that turns it into the
-    activations (kept for the backward, with :math:`c` and :math:`\tanh(c')`) and writes the new
-    state, a copy of :math:`h'` into the next layer's ``[x; h]`` and, on the top layer, the output.
-    """
-    k = ctx.kernels
-    L, (H, n) = len(hs), hs[0].shape
-    hs, cs = [h.contiguous() for h in hs], [c.contiguous() for c in cs]
-    out_w = out_w.contiguous()
-    u = torch.empty(n, dtype=x.dtype)
-    xh = torch.cat((x, hs[0]))
-    new_h, new_c, saved = [], [], []
-    for layer in range(L):
-        act = torch.mm(layer_params[2 * layer], xh)
-        c_new, h_new, tanh_c = (torch.empty(H, n, dtype=x.dtype) for _ in range(3))
-        saved += [xh, cs[layer], act, tanh_c]
-        if layer + 1 < L:  # h' goes straight into the next layer's [x; h]
-            xh = torch.empty(2 * H, n, dtype=x.dtype)
-            xh[H:].copy_(hs[layer + 1])
-            k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, h_copy=xh[:H])
+        du = contiguous(du)
+        dh_out, dc_out = [contiguous(t) for t in douts[:L]], [contiguous(t) for t in douts[L:]]
+        new = dict(dtype=top.dtype, device=top.device)
+        n = top.shape[1]
+        if du is None:
+            d_out_w, d_out_b = torch.zeros_like(out_w), torch.zeros(1, **new)
         else:
-            k.forward(act, layer_params[2 * layer + 1], cs[layer], c_new, h_new, tanh_c, out=(u, out_w, float(out_b)))
-        new_h.append(h_new)
-        new_c.append(c_new)
-    ctx.num_layers, ctx.hidden = L, H
-    ctx.set_materialize_grads(False)  # absent gradients stay None: the kernel reads them as zero
-    ctx.save_for_backward(new_h[-1], out_w, *layer_params[0::2], *saved)
-    return (u, *new_h, *new_c)
-
-
-def _kernel_backward(ctx: Any, du: Tensor | None, douts: Sequence[Tensor | None]):
-    r""":meth:`_FusedLSTMStep.backward` with the gate math in the compiled kernel (float32 CPU).
-
-    Per layer, from the top: one kernel pass gives the pre-activations' gradient ``dact`` and the
-    old cell's (the gradient at :math:`h'` summed inside it from the layer above, the next step
-    and the output layer), then :math:`dW = dact\,[x; h]^\top`, :math:`db = \sum_j dact`,
-    :math:`d[x; h] = W^\top dact` (only the rows something needs).
-    """
-    k, L, H = ctx.kernels, ctx.num_layers, ctx.hidden
-    top, out_w, *rest = ctx.saved_tensors
-    weights, saved = rest[:L], rest[L:]
-    need = ctx.needs_input_grad  # (x, num_layers, *hs, *cs, *params, out_w, out_b)
-
-    def contiguous(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.contiguous()
-
-    du = contiguous(du)
-    dh_out, dc_out = [contiguous(t) for t in douts[:L]], [contiguous(t) for t in douts[L:]]
-    n = top.shape[1]
-    if du is None:
-        d_out_w, d_out_b = torch.zeros_like(out_w), torch.zeros(1, dtype=top.dtype)
-    else:
-        d_out_w, d_out_b = (du.unsqueeze(0) @ top.t()), du.sum(0, keepdim=True)
-    d_hs: list[Tensor | None] = [None] * L
-    d_cs: list[Tensor | None] = [None] * L
-    d_params: list[Tensor | None] = [None] * (2 * L)
-    dx = dh_above = None
-    for layer in reversed(range(L)):
-        xh, c, act, tanh_c = saved[4 * layer:4 * layer + 4]
-        dact, dc = torch.empty(4 * H, n, dtype=top.dtype), torch.empty(H, n, dtype=top.dtype)
-        last = layer == L - 1
-        k.backward(act, c, tanh_c, (dh_above, dh_out[layer]), du if last else None, out_w if last else None,
-                   dc_out[layer], dact, dc)
-        w = weights[layer]
-        d_params[2 * layer], d_params[2 * layer + 1] = dact @ xh.t(), dact.sum(1)
-        d_cs[layer] = dc
-        n_in = w.shape[1] - H
-        if layer > 0 or need[0]:
-            dxh = w.t() @ dact
-            d_hs[layer] = dxh[n_in:]
-            if layer > 0:
-                dh_above = dxh[:n_in]
-            else:
-                dx = dxh[:n_in]
-        elif need[2]:  # only the old hidden state's gradient: skip the input rows' product
-            d_hs[layer] = w[:, n_in:].t() @ dact
-    return (dx, None, *d_hs, *d_cs, *d_params, d_out_w, d_out_b)
+            d_out_w, d_out_b = (du.unsqueeze(0) @ top.t()), du.sum(0, keepdim=True)
+        d_hs: list[Tensor | None] = [None] * L
+        d_cs: list[Tensor | None] = [None] * L
+        d_params: list[Tensor | None] = [None] * (2 * L)
+        dx = dh_above = None
+        for layer in reversed(range(L)):
+            xh, c, act, tanh_c = saved[4 * layer:4 * layer + 4]
+            dact, dc = torch.empty(4 * H, n, **new), torch.empty(H, n, **new)
+            last = layer == L - 1
+            ops.backward(act, c, tanh_c, (dh_above, dh_out[layer]), du if last else None, out_w if last else None,
+                         dc_out[layer], dact, dc)
+            w = weights[layer]
+            d_params[2 * layer], d_params[2 * layer + 1] = dact @ xh.t(), dact.sum(1)
+            d_cs[layer] = dc
+            n_in = w.shape[1] - H
+            if layer > 0 or need[0]:
+                dxh = w.t() @ dact
+                d_hs[layer] = dxh[n_in:]
+                if layer > 0:
+                    dh_above = dxh[:n_in]
+                else:
+                    dx = dxh[:n_in]
+            elif need[2]:  # only the old hidden state's gradient: skip the input rows' product
+                d_hs[layer] = w[:, n_in:].t() @ dact
+        return (dx, None, *d_hs, *d_cs, *d_params, d_out_w, d_out_b)
 
 
 def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weights: Sequence[Tensor],
@@ -267,8 +181,8 @@ def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weight
     ``u (N,)``. Per block of columns and layer: ``[x; h]`` is gathered in one buffer, one ``addmm``
     gives the gates (cell rows of the weights doubled), and one ``cell`` call does the rest: the
     compiled :func:`l2o.kernels.lstm_cell` (``use_kernel`` and float32 CPU tensors, when it is
-    available) or its torch twin :func:`_torch_cell`. Every intermediate lives in buffers
-    allocated once.
+    available) or its torch twin :func:`l2o.kernels.twin.lstm_cell`. Every intermediate lives in
+    buffers allocated once.
     """
     features, n = x.shape
     hidden = hs[0].shape[0]
@@ -284,7 +198,7 @@ def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weight
     u = torch.empty(1, n, **new)
     cell = kernels.lstm_cell(gate_buf.view(4 * hidden, width), *hs, *cs, u, ow) if use_kernel else None
     if cell is None:
-        cell = _torch_cell(torch.empty(hidden * width, **new))
+        cell = twin.lstm_cell(torch.empty(hidden * width, **new))
     # every block's views made by one split per tensor (not sliced per block and layer)
     columns = [x.split(block, 1), *(t.split(block, 1) for t in hs), *(t.split(block, 1) for t in cs), u.split(block, 1)]
     L = len(hs)
@@ -301,32 +215,6 @@ def _blocked_step_(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], weight
             else:
                 cell(s, c, h, out=(views[-1], ow, ob))
     return u[0]
-
-
-def _torch_cell(tanh_buf: Tensor) -> Callable[..., None]:
-    r"""The torch implementation of :func:`l2o.kernels.lstm_cell`'s ``cell`` (same contract):
-    one ``sigmoid_`` over the four gate blocks, then
-
-    .. math:: c' = f c + 2 i\,\sigma(2a_g) - i, \qquad h' = 2 o\,\sigma(2c') - o
-
-    which are :math:`f c + i \tanh(a_g)` and :math:`o \tanh(c')` with
-    :math:`\tanh(x) = 2\sigma(2x) - 1`, in place, with ``tanh_buf`` (at least ``H x m``) as scratch.
-    """
-
-    def cell(gates: Tensor, c: Tensor, h: Tensor, h_copy: Tensor | None = None,
-             out: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
-        hidden, m = c.shape
-        i, f, o, sg = gates.sigmoid_().split(hidden)
-        c.mul_(f).addcmul_(i, sg, value=2.0).sub_(i)
-        t = torch.mul(c, 2.0, out=tanh_buf[: hidden * m].view(hidden, m)).sigmoid_()
-        torch.mul(o, t, out=h).mul_(2.0).sub_(o)
-        if h_copy is not None:
-            h_copy.copy_(h)
-        if out is not None:
-            u, w, b = out
-            torch.addmm(b, w, h, out=u)
-
-    return cell
 
 
 def _reference_step(x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor], layer_params: Sequence[Tensor],

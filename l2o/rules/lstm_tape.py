@@ -22,18 +22,15 @@ rounding), without a graph, per-step buffers or autograd nodes.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import kernels
 from ..tree import Params, flatten, split_like
 
-if TYPE_CHECKING:
-    from .lstm import LSTMRule, LSTMState
-
-__all__ = ["LSTMTape"]
+__all__ = ["LSTMTape", "tape_supported"]
 
 # Tape memory of finished backwards, reused by the next truncation: a tape of a meta-training
 # epoch is tens of MB, and allocating it afresh costs a page fault per 4 KB on every truncation.
@@ -54,14 +51,16 @@ def _give_buffer(buffer: Tensor) -> None:
 
 
 class LSTMTape:
-    """A truncation of ``steps`` inner steps of ``rule`` from ``state`` (see the module docstring).
+    """A truncation of ``steps`` inner steps of ``rule`` (an :class:`~l2o.LSTMRule`) from ``state`` (its
+    ``LSTMState``; see the module docstring).
 
     Made by :meth:`l2o.LSTMRule.tape`, which checks the arguments; the rule's weights are read once,
     here, so they must not change until :meth:`backward` has run.
     """
 
-    def __init__(self, rule: "LSTMRule", state: "LSTMState", steps: int, n: int) -> None:
+    def __init__(self, rule: nn.Module, state: Any, steps: int, n: int) -> None:
         self.rule, self.steps, self.n = rule, steps, n
+        self.state_type = type(state)  # LSTMState, named without importing l2o.rules.lstm (which imports this)
         features = rule.weights[0].shape[1] - rule.hidden_size
         kernel = kernels.lstm_tape(steps, features, rule.hidden_size, rule.num_layers, n, buffer=_take_buffer())
         if kernel is None:  # pragma: no cover - LSTMRule.tape checks availability first
@@ -104,12 +103,10 @@ class LSTMTape:
         self.directions.append([d for _, d in residuals])
         return split_like(u, params)
 
-    def state(self) -> "LSTMState":
-        """The rule state after the steps taken so far (no graph)."""
-        from .lstm import LSTMState
-
+    def state(self) -> Any:
+        """The rule state (an :class:`~l2o.rules.lstm.LSTMState`) after the steps taken so far (no graph)."""
         h, c = self.kernel.state(self.done)
-        return LSTMState(tuple(h.unbind(0)), tuple(c.unbind(0)), self.moments, self.velocity)
+        return self.state_type(tuple(h.unbind(0)), tuple(c.unbind(0)), self.moments, self.velocity)
 
     def backward(self, du: Tensor) -> Sequence[Tensor | None]:
         """The gradients of :attr:`meta_params` given ``du (steps, N)``, the gradient at every update."""
@@ -130,7 +127,7 @@ class LSTMTape:
         return grads
 
 
-def tape_supported(rule: "LSTMRule", state: Any, params: Params) -> bool:
+def tape_supported(rule: nn.Module, state: Any, params: Params) -> bool:
     """Whether :class:`LSTMTape` can run ``rule`` from ``state``: fused float32 CPU weights and state,
     no state tensor carrying a graph, and the compiled kernels available."""
     tensors = [*state.hidden, *state.cell, *state.moments, *state.velocity]
