@@ -112,6 +112,7 @@ class SGD(Rule):
     """
 
     name = "sgd"
+    per_tensor_state = True
 
     def __init__(
         self,
@@ -250,6 +251,7 @@ class RMSprop(Rule):
     """
 
     name = "rmsprop"
+    per_tensor_state = True
 
     def __init__(
         self,
@@ -363,6 +365,7 @@ class Adam(Rule):
     """
 
     name = "adam"
+    per_tensor_state = True
 
     def __init__(
         self,
