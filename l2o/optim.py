@@ -98,8 +98,10 @@ torch.compile. ``torch.compile(opt.step, fullgraph=True)`` works when the compil
 pointers, which cannot be traced). A step compiles to one graph; the first steps compile up to
 three times (state creation, then the integer ``"step"`` counts becoming dynamic). Inside a
 compiled step the non-finite check runs without a host synchronisation, by masking: a non-finite
-update is still never written, but no warning is issued and the tensor's ``"step"`` count still
-advances. A float ``lr`` changed by a scheduler recompiles the step for each new value (as for
+update is still never written, but no warning is issued, the tensor's ``"step"`` count still
+advances, and a rule that overwrites its state has that tensor's state reset (gradients are not
+checked first). Inside a compiled step every rule is called once per tensor (the graph holds the
+same operations; grouping would compare the tensors' symbolic step counts). A float ``lr`` changed by a scheduler recompiles the step for each new value (as for
 torch's optimizers); give the group a tensor ``lr`` (``torch.tensor(1.0)``) to avoid that.
 
 Differences from ``torch.optim`` semantics (all deliberate):
@@ -581,7 +583,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         pending: list[_Update] = []
         for gi, group in enumerate(self.param_groups):
             members = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None and (gi, i) not in held_back]
-            if not self._per_tensor:
+            # inside torch.compile, one call per tensor too: grouping compares the tensors' step counts,
+            # symbolic there (comparing them made inductor lose a symbol: NameError in its generated code)
+            if not self._per_tensor or torch.compiler.is_compiling():
                 for i, p in members:
                     pending.append(self._update_one(gi, i, p, rule_loss))
                 continue
