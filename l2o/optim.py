@@ -51,25 +51,26 @@ and the accepted keys, when a group is added and at every ``step()`` (for keys w
 group later). A state dict of another optimizer (e.g. ``torch.optim.Adam``) loads with its other
 keys dropped, with a ``RuntimeWarning`` naming them.
 
-Non-finite steps. A NaN or Inf is never written into a parameter. If a tensor's update
-:math:`u` is not finite (NaN or Inf anywhere), that tensor's step is skipped (weight decay
-included): the parameter keeps its value, and its rule state and ``"step"`` count stay as they
-were, for rules that compute a new state (every hand-designed rule). A rule that overwrites its
-state in place (``LSTMRule``, see :meth:`l2o.Rule.update_`) is first shielded from non-finite
-gradients: a tensor whose gradient has a NaN or Inf is left out of the step before the rule runs,
-so its state and count stay as they were; if such a rule's update is still not finite (from finite
-gradients), its old state is gone, so that tensor's state is reset to the rule's initial state and
-its ``"step"`` to 0 (the rule starts afresh on it, as on a newly added parameter). A
-``RuntimeWarning`` names the parameter (param group index, position in the group, shape, and its
-name when the group has ``param_names``), once per parameter. Each check is one fused pass (an
-``aminmax`` per tensor, stacked) and one host synchronisation per step and device: one for the
-updates, and one for the gradients of a rule that overwrites its state.
+Non-finite steps. A NaN or Inf is never written into a parameter. A rule may overwrite the
+state it is given (:meth:`l2o.Rule.update_`; every shipped rule does: the hand-designed rules'
+``torch._foreach`` ``update_`` and the LSTM's blocked one), so first a tensor whose gradient has a
+NaN or Inf is left out of the step before the rule runs: its parameter, rule state and ``"step"``
+count stay exactly as they were. Then a tensor whose update :math:`u` is not finite (from finite
+gradients: the rule overflowed) is not written (weight decay included): the parameter keeps its
+value; its rule state is kept if the rule computed a new one, and otherwise, the old one being
+gone, reset to the rule's initial state with ``"step"`` 0 (the rule starts afresh on that tensor,
+as on a newly added parameter). A ``RuntimeWarning`` names the parameter (param group index,
+position in the group, shape, and its name when the group has ``param_names``), once per
+parameter. Each check is one fused pass (an ``aminmax`` per tensor, stacked: 0.16-0.25 ms for
+1.07M float32 coordinates on one CPU thread) and one host synchronisation per step and device:
+one for the gradients (rules that overwrite their state) and one for the updates.
 
 Rule calls. A rule whose state is kept per tensor (``Rule.per_tensor_state``: every
 hand-designed rule) is called once per param group (and step count and device) with all of the
 group's parameters that have a gradient, keyed by their position in the group (``"0"``, ``"1"``,
 ...), so a rule can use ``torch._foreach`` ops and keep its per-step op count independent of the
-number of tensors. A rule whose state is one block over all coordinates (the coordinate-wise LSTM's
+number of tensors (the hand-designed rules' ``update_`` does, in place, as torch's foreach
+optimizers). A rule whose state is one block over all coordinates (the coordinate-wise LSTM's
 ``(H, N)`` tensors) is called once per parameter (``{"p": p}``); the LSTM is separable per tensor,
 so this equals running it on all parameters at once.
 
@@ -98,9 +99,9 @@ torch.compile. ``torch.compile(opt.step, fullgraph=True)`` works when the compil
 pointers, which cannot be traced). A step compiles to one graph; the first steps compile up to
 three times (state creation, then the integer ``"step"`` counts becoming dynamic). Inside a
 compiled step the non-finite check runs without a host synchronisation, by masking: a non-finite
-update is still never written, but no warning is issued, the tensor's ``"step"`` count still
-advances, and a rule that overwrites its state has that tensor's state reset (gradients are not
-checked first). Inside a compiled step every rule is called once per tensor (the graph holds the
+update is still never written, but no warning is issued, the gradients are not checked first (a
+rule that overwrites its state, as every shipped rule does, has that tensor's state reset to the
+initial one) and the tensor's ``"step"`` count still advances. Inside a compiled step every rule is called once per tensor (the graph holds the
 same operations; grouping would compare the tensors' symbolic step counts). A float ``lr`` changed by a scheduler recompiles the step for each new value (as for
 torch's optimizers); give the group a tensor ``lr`` (``torch.tensor(1.0)``) to avoid that.
 
@@ -339,8 +340,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     state and :math:`\eta` the rule's nominal step size (its ``nominal_lr``, or a hand-designed
     rule's ``lr``). The weight decay is decoupled, as ``torch.optim.AdamW``'s: with
     ``rule=l2o.Adam(lr=1e-3)`` and ``weight_decay=0.1`` the trajectory is ``AdamW(lr=1e-3,
-    weight_decay=0.1)``'s. A tensor whose step would not be finite is skipped (parameter and
-    rule state unchanged) with a warning naming it.
+    weight_decay=0.1)``'s. A NaN or Inf is never written: a tensor with a non-finite gradient or
+    update is skipped (parameter unchanged, rule state kept, or reset where the rule had already
+    overwritten it) with a warning naming it.
 
     Args:
         params: iterable of parameters, of ``(name, parameter)`` pairs, or of param-group dicts, as

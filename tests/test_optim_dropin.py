@@ -471,3 +471,39 @@ def test_every_hand_rule_follows_torch_with_groups_and_missing_gradients(name):
         assert_close_models(a, b)
     assert opt_a.state[a.fc1.bias]["step"] == 9 and opt_a.state[a.fc1.weight]["step"] == 10
     assert torch.equal(unused[0], unused[1])
+
+
+HAND_RULE_CONFIGS: dict[str, Callable[[], l2o.Rule]] = {
+    "sgd": lambda: l2o.SGD(lr=0.05),
+    "sgd_momentum": lambda: l2o.SGD(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    "sgd_nesterov": lambda: l2o.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "nag": lambda: l2o.NAG(lr=0.05),
+    "rmsprop": lambda: l2o.RMSprop(lr=0.01),
+    "rmsprop_all": lambda: l2o.RMSprop(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01, eps_root=1e-8),
+    "adam": lambda: l2o.Adam(lr=0.01),
+    "adam_wd_eps_root": lambda: l2o.Adam(lr=0.01, weight_decay=0.01, eps_root=1e-8),
+}
+
+
+@pytest.mark.parametrize("name", HAND_RULE_CONFIGS)
+def test_hand_rule_update_in_place_equals_update(name):
+    """``update_`` (foreach, in place) gives ``update``'s numbers bitwise, overwrites the state it is
+    given, and leaves the gradients and params alone; tensors of several shapes, dtypes and a 0-d one."""
+    rule = HAND_RULE_CONFIGS[name]()
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 3, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen),
+              "s": torch.randn((), generator=gen, dtype=torch.float64), "e": torch.zeros(0)}
+    state_a, state_b = rule.init(params), rule.init(params)
+    for t in range(4):
+        grads = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+        copies = {k: g.clone() for k, g in grads.items()}
+        before = [leaf for leaf in l2o.tree.state_leaves(state_b) if isinstance(leaf, torch.Tensor)]
+        ua, state_a = rule.update(grads, state_a, params, step=t)
+        ub, state_b = rule.update_(grads, state_b, params, step=t)
+        assert ua.keys() == ub.keys() == params.keys()
+        assert all(torch.equal(ua[k], ub[k]) and ub[k].dtype == params[k].dtype for k in params), t
+        leaves_a, leaves_b = l2o.tree.state_leaves(state_a), l2o.tree.state_leaves(state_b)
+        assert all(torch.equal(x, y) for x, y in zip(leaves_a, leaves_b)) and len(leaves_a) == len(leaves_b)
+        assert all(x is y for x, y in zip(before, leaves_b))  # the same buffers, overwritten
+        assert all(torch.equal(grads[k], copies[k]) for k in grads)
+        params = {k: p + ua[k] for k, p in params.items()}
