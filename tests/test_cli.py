@@ -1,7 +1,9 @@
-"""The `l2o` command line: help, the quadratic workflow end to end, and one-line errors (exit 2)."""
+"""The `l2o` command line: help, the quadratic workflow end to end, and one-line errors (exit 2 for bad
+usage, 1 for failures while running, tracebacks behind --debug)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -252,8 +254,104 @@ def test_failure_while_running_is_one_line_exit_1(capsys, monkeypatch):
     monkeypatch.setattr(l2o.meta, "compare", boom)
     monkeypatch.delenv("L2O_DEBUG", raising=False)
     code, _, err = _run(capsys, "compare", "--task", "quadratic", "--no-progress")
-    assert code == 1 and "failed: RuntimeError: the device ran out of patience" in err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 1
+    assert err == ("l2o compare: error: RuntimeError: the device ran out of patience "
+                   "(run with --debug or L2O_DEBUG=1 for the traceback)\n")
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError, RuntimeError, KeyError, OSError])
+@pytest.mark.parametrize("command", ["compare", "meta-train"])
+def test_errors_raised_while_running_are_failures_exit_1(tmp_path, capsys, monkeypatch, error, command):
+    """A ValueError/TypeError (or any other error) raised once the work has started is not bad usage:
+    exit 1, one line naming its type, and the hint to see the traceback."""
+    import l2o.meta
+
+    def boom(*args, **kwargs):
+        raise error("something inside broke")
+
+    monkeypatch.setattr(l2o.meta, "compare" if command == "compare" else "meta_train", boom)
+    monkeypatch.delenv("L2O_DEBUG", raising=False)
+    argv = ["compare", "--task", "quadratic", "--no-progress"] if command == "compare" else \
+        ["meta-train", *TINY_TRAIN, "--out", str(tmp_path / "x.pt")]
+    code, _, err = _run(capsys, *argv)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"l2o {command}: error: {error.__name__}: ") and "something inside broke" in err
+    assert err.strip().endswith("(run with --debug or L2O_DEBUG=1 for the traceback)") and "Traceback" not in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("how", ["--debug before", "--debug after", "L2O_DEBUG=1", "L2O_DEBUG=0"])
+def test_debug_prints_the_traceback(capsys, monkeypatch, how):
+    import l2o.meta
+
+    def boom(*args, **kwargs):
+        raise ValueError("a bug deep inside\nits second line")
+
+    monkeypatch.setattr(l2o.meta, "compare", boom)
+    monkeypatch.delenv("L2O_DEBUG", raising=False)
+    argv = ["compare", "--task", "quadratic", "--no-progress"]
+    if how == "--debug before":
+        argv = ["--debug", *argv]
+    elif how == "--debug after":
+        argv = [*argv, "--debug"]
+    else:
+        monkeypatch.setenv("L2O_DEBUG", how.split("=")[1])
+    code, _, err = _run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 1
+    assert lines[-1] == "l2o compare: error: ValueError: a bug deep inside (run with --debug or L2O_DEBUG=1 for the traceback)"
+    if how == "L2O_DEBUG=0":
+        assert len(lines) == 1
+    else:
+        assert lines[0] == "Traceback (most recent call last):" and "in boom" in err
+        assert "ValueError: a bug deep inside" in err and "its second line" in err
+
+
+def test_interrupt_exits_130(capsys, monkeypatch):
+    import l2o.meta
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(l2o.meta, "compare", interrupted)
+    code, _, err = _run(capsys, "compare", "--task", "quadratic", "--no-progress")
+    assert code == 130 and err == "l2o compare: interrupted\n"
+
+
+def test_bad_values_checked_before_the_work_are_usage_errors(tmp_path, capsys, monkeypatch):
+    """A ValueError from building what the arguments describe (a config, a rule) is bad usage (exit 2,
+    one line, no hint), and the work never starts."""
+    import l2o.meta
+    from l2o.cli.common import UsageError, tasks_per_step
+
+    started = []
+    monkeypatch.setattr(l2o.meta, "meta_train", lambda *a, **k: started.append(1))
+    code, _, err = _run(capsys, "meta-train", *TINY_TRAIN, "--nesterov-lr", "0.1", "--nesterov-momentum", "1.5",
+                        "--out", str(tmp_path / "x.pt"))
+    assert code == 2 and err.startswith("l2o meta-train: error: nesterov_momentum must be") and "--debug" not in err
+    assert not started and len(err.strip().splitlines()) == 1
+    with pytest.raises(UsageError, match="--tasks-per-step 3 must be a multiple of the number of ranks \\(2\\)"):
+        tasks_per_step(argparse.Namespace(tasks_per_step=3), 2)
+    assert tasks_per_step(argparse.Namespace(tasks_per_step=None), 2) == 2
+
+
+def test_debug_on_the_command_line_of_the_installed_entry_point(tmp_path):
+    """``python -m l2o``: a usage error is one line and exit 2; with --debug its traceback comes first."""
+    argv = [sys.executable, "-m", "l2o", "compare", "--task", "quadratic", "--rule", str(tmp_path / "missing.pt")]
+    env = {k: v for k, v in os.environ.items() if k != "L2O_DEBUG"}
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
+    assert plain.stderr.startswith("l2o compare: error: checkpoint") and "does not exist" in plain.stderr
+    debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True, timeout=300, env=env)
+    assert debug.returncode == 2 and debug.stderr.startswith("Traceback (most recent call last):")
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_debug_is_in_every_help(capsys):
+    for argv in (["--help"], *([c, "--help"] for c in COMMANDS)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--debug" in capsys.readouterr().out, argv
 
 
 def test_device_family_moves_tasks():

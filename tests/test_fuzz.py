@@ -32,6 +32,7 @@ import math
 import os
 import struct
 import tempfile
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -245,10 +246,11 @@ ENTRIES = [
            "params": lambda: SineMLP(hidden=(4,)).init_params(torch.Generator().manual_seed(0), 2)},
           aliases={"params": ("keys", "shape", "Tensor", "size")}),
     Entry("LearnedOptimizer",
-          lambda params, rule, lr, state_dtype, pretrained, checkpoint: l2o.LearnedOptimizer(
-              params, rule=rule, lr=lr, state_dtype=state_dtype, pretrained=pretrained, checkpoint=checkpoint),
+          lambda params, rule, lr, weight_decay, state_dtype, pretrained, checkpoint: l2o.LearnedOptimizer(
+              params, rule=rule, lr=lr, weight_decay=weight_decay, state_dtype=state_dtype, pretrained=pretrained,
+              checkpoint=checkpoint),
           {"params": lambda: [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(()))],
-           "rule": lambda: LSTMRule(hidden_size=3), "lr": _v(1.0), "state_dtype": _v(None),
+           "rule": lambda: LSTMRule(hidden_size=3), "lr": _v(1.0), "weight_decay": _v(0.0), "state_dtype": _v(None),
            "pretrained": _v(None), "checkpoint": _v(None)},
           _step_optimizer, {"params": ("Tensor", "param group", "parameter"), "rule": ("exactly one",)}),
     Entry("QuadraticFamily", QuadraticFamily,
@@ -562,11 +564,14 @@ def test_learned_optimizer_gives_finite_updates_for_every_rule(name, shapes, dty
             p.grad = g.to(dtype)
             finite_grads &= bool(torch.isfinite(p.grad).all())
         before = [p.detach().clone() for p in params]
-        opt.step()
+        with warnings.catch_warnings(record=True) as caught:  # a non-finite step is skipped with a warning
+            warnings.simplefilter("always", RuntimeWarning)
+            opt.step()
+        skipped = [str(w.message) for w in caught if "is not finite" in str(w.message)]
+        assert not (finite_grads and skipped), (name, dtype, k, skipped)  # finite gradients: finite updates
         for p, b, s in zip(params, before, shapes):
             assert p.shape == s and p.dtype == dtype
-            if finite_grads:
-                assert torch.isfinite(p).all(), (name, dtype, k, (p - b).abs().max())
+            assert torch.isfinite(p).all(), (name, dtype, k, finite_grads, (p - b).abs().max())  # never NaN/Inf
 
 
 @settings(FUZZ, max_examples=150)

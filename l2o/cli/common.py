@@ -6,20 +6,38 @@ This package is the only part of l2o that imports ``optimizees``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
-__all__ = ["UsageError", "RULE_DEFAULTS", "META_TRAIN_DEFAULTS", "COMPARE_DEFAULTS", "default_threads", "positive_int", "positive_float", "nonnegative_float",
+__all__ = ["UsageError", "checking_arguments", "RULE_DEFAULTS", "META_TRAIN_DEFAULTS", "COMPARE_DEFAULTS", "default_threads", "positive_int", "positive_float", "nonnegative_float",
            "add_task_args", "family_from_args", "mnist_family", "resolve_training_state", "device_name", "plot_path",
            "add_device_arg", "resolve_device", "DeviceFamily", "on_device", "format_table", "write_json",
-           "RuleProgress", "add_distributed_args", "init_distributed"]
+           "RuleProgress", "add_distributed_args", "init_distributed", "tasks_per_step"]
 
 
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
+
+
+@contextlib.contextmanager
+def checking_arguments() -> Iterator[None]:
+    """Around the code of a command that turns its arguments into objects (configs, rules, task
+    families, files it reads) before any work is done: a ``ValueError``, ``TypeError`` or
+    ``FileNotFoundError`` raised there is bad input, re-raised as a :class:`UsageError` (exit 2)
+    with the same message. The same errors raised later, while the command runs, are failures
+    (exit 1)."""
+    from ..checkpoints import CheckpointError
+
+    try:
+        yield
+    except (UsageError, CheckpointError):
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
 
 
 class Parser(argparse.ArgumentParser):
@@ -310,6 +328,15 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Path | None, int | None,
     rank, world, device = init_distributed(args, device)
     cpu = configure_cpu(args.threads)
     return device, state_path, checkpoint_every, rank, world, cpu
+
+
+def tasks_per_step(args: argparse.Namespace, world: int) -> int:
+    """``--tasks-per-step`` (default: the number of ranks), which the ranks must divide (a :class:`UsageError` if not)."""
+    tasks = args.tasks_per_step or world
+    if tasks % world:
+        raise UsageError(f"--tasks-per-step {tasks} must be a multiple of the number of ranks ({world}): each rank "
+                         "takes the same share of every meta-batch")
+    return tasks
 
 
 def say(*lines: str, err: bool = False) -> None:

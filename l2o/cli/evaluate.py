@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, add_device_arg, add_task_args, family_from_args, format_table,
+from .common import (COMPARE_DEFAULTS, add_device_arg, add_task_args, checking_arguments, family_from_args, format_table,
                      mnist_family, on_device, plot_path, positive_int, resolve_device, save_figure, say,
                      UsageError, write_outputs)
 
@@ -66,7 +66,8 @@ def add_list_pretrained_parser(sub: Any) -> None:
 def cmd_list_pretrained(args: argparse.Namespace) -> int:
     from ..pretrained import list_pretrained
 
-    entries = list_pretrained()
+    with checking_arguments():
+        entries = list_pretrained()
     if not entries:
         say("no pretrained rules are shipped in this installation")
     else:
@@ -163,18 +164,19 @@ def plot_evaluation(report: dict[str, Any], path: Path) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..perf import configure_cpu
 
-    device = resolve_device(args)
-    rule, source, trained_on = _load(args)
-    defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
-    if args.task == "mnist":  # as l2o compare: networks batched per task, scored on the test images
-        if args.num_networks == 1:
-            args.num_networks = defaults["num_networks"]
-        family = mnist_family(args, eval_split="test")
-    else:
-        family = family_from_args(args)
-    cpu = configure_cpu(args.threads)
-    family = on_device(family, device)
-    rule = rule.to(device)
+    with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        device = resolve_device(args)
+        rule, source, trained_on = _load(args)
+        defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
+        if args.task == "mnist":  # as l2o compare: networks batched per task, scored on the test images
+            if args.num_networks == 1:
+                args.num_networks = defaults["num_networks"]
+            family = mnist_family(args, eval_split="test")
+        else:
+            family = family_from_args(args)
+        cpu = configure_cpu(args.threads)
+        family = on_device(family, device)
+        rule = rule.to(device)
     start = time.perf_counter()
     summary = evaluate_rule(rule, family, horizon=args.horizon, num_tasks=args.num_tasks or defaults["num_tasks"],
                             seed=args.seed, progress=not args.no_progress, desc=f"evaluate on {args.task}")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import (COMPARE_DEFAULTS, META_TRAIN_DEFAULTS, RULE_DEFAULTS, add_device_arg, add_distributed_args,
-                     add_task_args, compact_history, family_from_args, float_pair, format_table, mnist_family, nonnegative_float,
-                     on_device, plot_path, positive_float, positive_int, prepare_run, resolve_device,
-                     RuleProgress, save_figure, say, write_outputs)
+                     add_task_args, checking_arguments, compact_history, family_from_args, float_pair, format_table,
+                     mnist_family, nonnegative_float, on_device, plot_path, positive_float, positive_int, prepare_run,
+                     resolve_device, RuleProgress, save_figure, say, tasks_per_step, write_outputs)
 
 __all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd_compare", "plot_report"]
 
@@ -123,31 +123,33 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from ..rules import LSTMRule
     from ..rules.preprocess import RNNPROP_BETAS
 
-    family = family_from_args(args)
-    config = MetaTrainConfig(horizon=args.horizon, truncation=args.truncation, seed=args.seed)
-    for field, value in (("epochs", args.epochs), ("meta_lr", args.meta_lr), ("meta_lr_final", args.meta_lr_final),
-                         ("validate_every", args.validate_every)):
-        if value is not None:
-            setattr(config, field, value)
-    config.second_order = META_TRAIN_DEFAULTS[args.task]["second_order"] if args.second_order is None else args.second_order
-    if args.objective is not None:
-        config.objective = args.objective
-    if args.step_weights is not None:
-        config.step_weights = args.step_weights
-    config.validate()
-    device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
-    config.tasks_per_step = args.tasks_per_step or world
-    import torch
+    with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        family = family_from_args(args)
+        config = MetaTrainConfig(horizon=args.horizon, truncation=args.truncation, seed=args.seed)
+        for field, value in (("epochs", args.epochs), ("meta_lr", args.meta_lr),
+                             ("meta_lr_final", args.meta_lr_final), ("validate_every", args.validate_every)):
+            if value is not None:
+                setattr(config, field, value)
+        config.second_order = (META_TRAIN_DEFAULTS[args.task]["second_order"] if args.second_order is None
+                               else args.second_order)
+        if args.objective is not None:
+            config.objective = args.objective
+        if args.step_weights is not None:
+            config.step_weights = args.step_weights
+        config.validate()
+        device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
+        config.tasks_per_step = tasks_per_step(args, world)
+        import torch
 
-    torch.manual_seed(args.seed)
-    family = on_device(family, device)
-    defaults = RULE_DEFAULTS[args.task]
-    rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
-                    preprocess=args.preprocess or defaults["preprocess"],
-                    output_scale=args.output_scale or defaults["output_scale"], zero_init_output=args.zero_init_output,
-                    adam_lr=args.adam_lr, momentum_lr=args.momentum_lr, nesterov_lr=args.nesterov_lr,
-                    nesterov_momentum=args.nesterov_momentum,
-                    rnnprop_betas=args.rnnprop_betas or RNNPROP_BETAS).to(device)
+        torch.manual_seed(args.seed)
+        family = on_device(family, device)
+        defaults = RULE_DEFAULTS[args.task]
+        rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
+                        preprocess=args.preprocess or defaults["preprocess"],
+                        output_scale=args.output_scale or defaults["output_scale"],
+                        zero_init_output=args.zero_init_output, adam_lr=args.adam_lr, momentum_lr=args.momentum_lr,
+                        nesterov_lr=args.nesterov_lr, nesterov_momentum=args.nesterov_momentum,
+                        rnnprop_betas=args.rnnprop_betas or RNNPROP_BETAS).to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:
@@ -267,23 +269,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..meta.evaluate import BASELINES, lr_grid
     from ..perf import configure_cpu
 
-    device = resolve_device(args)
-    rule = load_rule(args.rule) if args.rule is not None else None
-    defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
-    if args.task == "mnist":  # tune on the validation images, report on the test images
-        if args.num_networks == 1:
-            args.num_networks = defaults["num_networks"]
-        family = mnist_family(args, eval_split="test")
-        tuning_family = family.with_eval_split("val")
-    else:
-        family = family_from_args(args)
-        tuning_family = None
-    configure_cpu(args.threads)
-    family = on_device(family, device)
-    if tuning_family is not None:
-        tuning_family = on_device(tuning_family, device)
-    if rule is not None:
-        rule = rule.to(device)
+    with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        device = resolve_device(args)
+        rule = load_rule(args.rule) if args.rule is not None else None
+        defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
+        if args.task == "mnist":  # tune on the validation images, report on the test images
+            if args.num_networks == 1:
+                args.num_networks = defaults["num_networks"]
+            family = mnist_family(args, eval_split="test")
+            tuning_family = family.with_eval_split("val")
+        else:
+            family = family_from_args(args)
+            tuning_family = None
+        configure_cpu(args.threads)
+        family = on_device(family, device)
+        if tuning_family is not None:
+            tuning_family = on_device(tuning_family, device)
+        if rule is not None:
+            rule = rule.to(device)
     progress = RuleProgress((["learned"] if rule is not None else []) + list(BASELINES), num_lrs=len(lr_grid()),
                             disable=args.no_progress)
     try:

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (add_device_arg, add_distributed_args, compact_history, format_table, nonnegative_float,
-                     on_device, plot_path, positive_float, positive_int, prepare_run, save_figure, say,
-                     UsageError, write_outputs)
+from .common import (add_device_arg, add_distributed_args, checking_arguments, compact_history, format_table,
+                     nonnegative_float, on_device, plot_path, positive_float, positive_int, prepare_run, save_figure,
+                     say, tasks_per_step, UsageError, write_outputs)
 
 __all__ = ["add_maml_parser", "cmd_maml", "MAML_DEFAULTS"]
 
@@ -202,31 +202,32 @@ def cmd_maml(args: argparse.Namespace) -> int:
     from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
     from ..tasks import META
 
-    if args.task not in MAML_DEFAULTS:
-        raise UsageError(f"unknown task {args.task!r} for maml; known tasks: {', '.join(sorted(MAML_DEFAULTS))}")
-    d = MAML_DEFAULTS[args.task]
-    for name in ("inner_lr", "meta_batch", "shots", "query_shots", "iterations", "eval_tasks", "eval_steps",
-                 "num_val_tasks"):
-        if getattr(args, name) is None:
-            setattr(args, name, d[name])
-    config = MetaTrainConfig(epochs=args.iterations, horizon=args.inner_steps, truncation=args.inner_steps,
-                             meta_lr=args.meta_lr, meta_lr_final=None, max_grad_norm=args.max_grad_norm or None,
-                             validate_every=args.validate_every, num_val_tasks=args.num_val_tasks, seed=args.seed,
-                             second_order=not args.first_order, step_weights="final", meta_split=META)
-    config.validate()
-    device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
-    config.tasks_per_step = args.tasks_per_step or world
-    import torch
+    with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        if args.task not in MAML_DEFAULTS:
+            raise UsageError(f"unknown task {args.task!r} for maml; known tasks: {', '.join(sorted(MAML_DEFAULTS))}")
+        d = MAML_DEFAULTS[args.task]
+        for name in ("inner_lr", "meta_batch", "shots", "query_shots", "iterations", "eval_tasks", "eval_steps",
+                     "num_val_tasks"):
+            if getattr(args, name) is None:
+                setattr(args, name, d[name])
+        config = MetaTrainConfig(epochs=args.iterations, horizon=args.inner_steps, truncation=args.inner_steps,
+                                 meta_lr=args.meta_lr, meta_lr_final=None, max_grad_norm=args.max_grad_norm or None,
+                                 validate_every=args.validate_every, num_val_tasks=args.num_val_tasks, seed=args.seed,
+                                 second_order=not args.first_order, step_weights="final", meta_split=META)
+        config.validate()
+        device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
+        config.tasks_per_step = tasks_per_step(args, world)
+        import torch
 
-    torch.manual_seed(args.seed)
-    family, val_family, eval_family = _families(args, d, device)
-    model = family.model()
-    if hasattr(model, "reset_parameters"):
-        model.reset_parameters(torch.Generator().manual_seed(args.seed))
-    if args.zero_last_layer:
-        zero_last_linear(model)
-    init = MAMLInit(model)
-    rule = _rule(args, model).to(device)
+        torch.manual_seed(args.seed)
+        family, val_family, eval_family = _families(args, d, device)
+        model = family.model()
+        if hasattr(model, "reset_parameters"):
+            model.reset_parameters(torch.Generator().manual_seed(args.seed))
+        if args.zero_last_layer:
+            zero_last_linear(model)
+        init = MAMLInit(model)
+        rule = _rule(args, model).to(device)
     algorithm = {"sgd": "MAML", "metasgd": "Meta-SGD", "lstm": "MAML + learned LSTM optimizer"}[args.inner_rule]
     if args.first_order and args.inner_rule == "sgd":
         algorithm = "first-order MAML"

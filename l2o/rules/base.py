@@ -81,6 +81,14 @@ class Rule(nn.Module):
     #: Registry name used by checkpoints and the CLI (``"adam"``, ``"lstm"``, ...).
     name: str = "rule"
 
+    #: Whether the rule is separable by tensor with a state keyed like ``params``: ``init`` and
+    #: ``update`` on a params dict equal the union of their results on each tensor alone, and every
+    #: tensor's state lies in dicts keyed like ``params`` (``AdamState(exp_avg={k: m_k}, ...)``).
+    #: :class:`l2o.LearnedOptimizer` then calls the rule once per param group with all its tensors
+    #: (so the rule may use ``torch._foreach`` ops); ``False`` (a state that is one block over all
+    #: coordinates, like the LSTM's ``(H, N)`` tensors): it calls the rule once per tensor.
+    per_tensor_state: bool = False
+
     def init(self, params: Params) -> NamedTuple:  # pragma: no cover - abstract
         """Return the rule's initial state for ``params``."""
         raise NotImplementedError

@@ -15,7 +15,11 @@ Differences from ``torch.optim`` (all deliberate):
 * ``eps_root`` (from optax) is added under the square root of RMSprop/Adam so that
   differentiating through the rule never meets :math:`\sqrt{\cdot}'(0)`; the default 0 gives
   torch's numbers.
-* No ``maximize``, ``amsgrad``, ``foreach``/``fused`` or complex-parameter support.
+* No ``maximize``, ``amsgrad``, ``foreach``/``fused`` options or complex-parameter support.
+  ``update_`` (what :class:`l2o.LearnedOptimizer` calls, once per param group) computes the same
+  numbers as ``update`` with ``torch._foreach`` ops, overwriting the state's buffers in place as
+  torch's foreach implementations do: a constant number of ops per step whatever the number of
+  tensors, and no new state allocated per step.
 * Hyperparameter ranges are slightly stricter: ``lr > 0``, ``momentum``/``alpha``/betas in
   ``[0, 1)``.
 """
@@ -77,6 +81,16 @@ def _with_weight_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tens
     return grad if weight_decay == 0.0 else torch.add(grad, param, alpha=weight_decay)
 
 
+def _lists(grads: Params, params: Params, weight_decay: float) -> tuple[list[str], list[Tensor]]:
+    """``update_``'s inputs as lists: the keys and the gradients with the (coupled) weight decay
+    added (new tensors when it is nonzero: the caller's gradients are never written)."""
+    keys = list(params)
+    g = [grads[k] for k in keys]
+    if weight_decay != 0.0:
+        g = list(torch._foreach_add(g, [params[k] for k in keys], alpha=weight_decay))
+    return keys, g
+
+
 # --------------------------------------------------------------------------------------- SGD / NAG
 
 
@@ -113,6 +127,7 @@ class SGD(Rule):
     """
 
     name = "sgd"
+    per_tensor_state = True
 
     def __init__(
         self,
@@ -167,6 +182,34 @@ class SGD(Rule):
                 d = torch.add(d, buf, alpha=mu) if self.nesterov else buf
             updates[k] = d * -lr
         return updates, SGDState(momentum=buffers)
+
+    @torch.no_grad()
+    def update_(
+        self,
+        grads: Params,
+        state: SGDState,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, SGDState]:
+        """:meth:`update`'s numbers with ``torch._foreach`` ops, the momentum buffers overwritten in place."""
+        _check_update(self, grads, state, params, step, SGDState, ("momentum",) if self.momentum != 0.0 else ())
+        if not params:
+            return {}, state
+        lr, mu, tau = self.lr, self.momentum, self.dampening
+        keys, d = _lists(grads, params, self.weight_decay)
+        buffers: list[Tensor] = []
+        if mu != 0.0:
+            buffers = [state.momentum[k] for k in keys]
+            if step == 0:
+                torch._foreach_copy_(buffers, d)
+            else:
+                torch._foreach_mul_(buffers, mu)
+                torch._foreach_add_(buffers, d, alpha=1.0 - tau)
+            d = list(torch._foreach_add(d, buffers, alpha=mu)) if self.nesterov else buffers
+        updates = torch._foreach_mul(d, -lr)
+        return dict(zip(keys, updates)), SGDState(momentum=dict(zip(keys, buffers)))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -251,6 +294,7 @@ class RMSprop(Rule):
     """
 
     name = "rmsprop"
+    per_tensor_state = True
 
     def __init__(
         self,
@@ -317,6 +361,49 @@ class RMSprop(Rule):
                 updates[k] = (g / denom) * -lr
         return updates, RMSpropState(square_avg=square_avg, grad_avg=grad_avg, momentum=buffers)
 
+    @torch.no_grad()
+    def update_(
+        self,
+        grads: Params,
+        state: RMSpropState,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, RMSpropState]:
+        """:meth:`update`'s numbers with ``torch._foreach`` ops, the averages and buffers overwritten in place."""
+        _check_update(self, grads, state, params, step, RMSpropState,
+                      ("square_avg",) + (("grad_avg",) if self.centered else ())
+                      + (("momentum",) if self.momentum > 0.0 else ()))
+        if not params:
+            return {}, state
+        lr, alpha, mu = self.lr, self.alpha, self.momentum
+        keys, g = _lists(grads, params, self.weight_decay)
+        square_avg = [state.square_avg[k] for k in keys]
+        torch._foreach_mul_(square_avg, alpha)
+        torch._foreach_addcmul_(square_avg, g, g, value=1.0 - alpha)
+        v, grad_avg = square_avg, []
+        if self.centered:
+            grad_avg = [state.grad_avg[k] for k in keys]
+            torch._foreach_lerp_(grad_avg, g, 1.0 - alpha)
+            v = torch._foreach_addcmul(v, grad_avg, grad_avg, value=-1.0)
+        if self.eps_root != 0.0:
+            v = torch._foreach_add(v, self.eps_root)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, self.eps)
+        buffers: list[Tensor] = []
+        if mu > 0.0:
+            buffers = [state.momentum[k] for k in keys]
+            torch._foreach_mul_(buffers, mu)
+            torch._foreach_addcdiv_(buffers, g, denom)
+            updates = torch._foreach_mul(buffers, -lr)
+        else:
+            updates = torch._foreach_div(g, denom)
+            torch._foreach_mul_(updates, -lr)
+        return dict(zip(keys, updates)), RMSpropState(square_avg=dict(zip(keys, square_avg)),
+                                                      grad_avg=dict(zip(keys, grad_avg)),
+                                                      momentum=dict(zip(keys, buffers)))
+
     def config(self) -> dict[str, Any]:
         return {
             "lr": self.lr,
@@ -364,6 +451,7 @@ class Adam(Rule):
     """
 
     name = "adam"
+    per_tensor_state = True
 
     def __init__(
         self,
@@ -425,6 +513,39 @@ class Adam(Rule):
             denom = v.sqrt() / bias_correction2_sqrt + self.eps
             updates[k] = (m / denom) * -step_size
         return updates, AdamState(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+    @torch.no_grad()
+    def update_(
+        self,
+        grads: Params,
+        state: AdamState,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, AdamState]:
+        """:meth:`update`'s numbers with ``torch._foreach`` ops, the moments overwritten in place."""
+        _check_update(self, grads, state, params, step, AdamState, ("exp_avg", "exp_avg_sq"))
+        if not params:
+            return {}, state
+        beta1, beta2 = self.betas
+        t = step + 1
+        bias_correction2 = 1.0 - beta2**t
+        step_size = self.lr / (1.0 - beta1**t)
+        keys, g = _lists(grads, params, self.weight_decay)
+        m = [state.exp_avg[k] for k in keys]
+        v = [state.exp_avg_sq[k] for k in keys]
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+        # as update: sqrt(v + eps_root * bc2) / sqrt(bc2) + eps
+        denom = torch._foreach_sqrt(torch._foreach_add(v, self.eps_root * bias_correction2)
+                                    if self.eps_root != 0.0 else v)
+        torch._foreach_div_(denom, bias_correction2**0.5)
+        torch._foreach_add_(denom, self.eps)
+        updates = torch._foreach_div(m, denom)
+        torch._foreach_mul_(updates, -step_size)
+        return dict(zip(keys, updates)), AdamState(exp_avg=dict(zip(keys, m)), exp_avg_sq=dict(zip(keys, v)))
 
     def config(self) -> dict[str, Any]:
         return {
