@@ -65,9 +65,9 @@ ADAMW_GRID = tuple(10 ** (e / 2) for e in range(-8, -3))
 SGDM_GRID = tuple(10 ** (e / 2) for e in range(-6, 1))
 FAST_ADAMW_GRID = (1e-3, 10 ** -2.5)
 FAST_SGDM_GRID = (1e-2, 10 ** -1.5)
-FAST_STEPS = 5
+FAST_STEPS = 4
 EVAL_POINTS = 10  # held-out evaluations along a run (plus one before the first step)
-FAST_EVAL_POINTS = 2
+FAST_EVAL_POINTS = 1
 CURVE_POINTS = 100  # windows the training-loss curve is averaged over
 
 
@@ -134,10 +134,10 @@ def train(task: Task, splits: Splits, make_opt: OptimizerFactory, seed: int, ste
     initial = evaluate(task, model, splits.test_curve if reported else splits.val[:1])
     heldout_curve: list[list[float]] = [[0, initial]]
     losses: list[float] = []
-    step_s = loop_s = 0.0
+    step_s = loop_s = cpu_s = 0.0
     reason = None
     for t in range(1, steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x, y = splits.batch(gen)
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model, x, y)
@@ -145,8 +145,9 @@ def train(task: Task, splits: Splits, make_opt: OptimizerFactory, seed: int, ste
         t1 = time.perf_counter()
         opt.step()
         t2 = time.perf_counter()
-        value = float(loss)
+        value = float(loss.detach())
         loop_s += time.perf_counter() - t0
+        cpu_s += time.process_time() - c0
         step_s += t2 - t1
         losses.append(value)
         if not math.isfinite(value):
@@ -171,6 +172,7 @@ def train(task: Task, splits: Splits, make_opt: OptimizerFactory, seed: int, ste
     return {"seed": seed, "final_loss": final, "train_loss": train_loss, "initial_loss": initial,
             "diverged": reason is not None, "diverged_reason": reason, "steps_done": done,
             "step_ms": 1e3 * step_s / max(done, 1), "train_step_ms": 1e3 * loop_s / max(done, 1), "train_s": loop_s,
+            "train_cpu_s": cpu_s,
             "state_bytes_per_param": state_bytes(opt) / n_params, "params": n_params,
             "curve": curve, "heldout_curve": heldout_curve}
 
@@ -268,14 +270,15 @@ def summarise(results: dict[str, dict[str, Any]]) -> None:
         res["summary"]["vs_adamw_tuned"] = m / ref[ADAMW] if _finite(m) and ref[ADAMW] else None
 
 
-def project(task: Task, entry: dict[str, Any], full_seeds: int = 3) -> float:
+def project(task: Task, entry: dict[str, Any], full_seeds: int = 3, key: str = "train_s") -> float:
     """Seconds the full configuration of ``task`` (its own steps, ``full_seeds`` seeds, the full grids)
-    would take at the per-step times and evaluation costs measured in ``entry``."""
+    would take at the per-step times (``key``: ``"train_s"`` wall, ``"train_cpu_s"`` this process's CPU
+    time, which other jobs on the machine disturb less) and evaluation costs measured in ``entry``."""
     opts = entry["optimizers"]
     runs = {name: full_seeds for name in opts}
     runs[ADAMW] += len(ADAMW_GRID)
     runs[SGDM] += len(SGDM_GRID)
-    train = sum(statistics.fmean(r["train_step_ms"] for r in res["runs"]) * 1e-3 * task.steps * runs[name]
+    train = sum(statistics.fmean(r[key] / r["steps_done"] for r in res["runs"]) * task.steps * runs[name]
                 for name, res in opts.items())
     done = sum(len(res["runs"]) for res in opts.values()) + sum(len(t["grid"]) for t in entry["tuning"].values())
     measured = sum(r["train_s"] for res in opts.values() for r in res["runs"]) + \
@@ -327,37 +330,53 @@ def markdown(report: dict[str, Any]) -> str:
                             for t in done.values())) for opt in opts]
             out.append(f"\n### {title}\n\n" + _table(("optimizer", *done), rows))
     projected = [t.get("projected_full_s") for t in done.values()]
+    cpu = [t.get("projected_full_cpu_s") for t in done.values()]
     out.append(f"\nsuite time {report['wall_s']:.0f} s"
-               + (f"; projected time of all {len(done)} task(s) at full length (each task's steps, 3 seeds, full "
-                  f"grids, these optimizers, these per-step times): {sum(projected) / 60:.0f} min"
+               + (f"; projected time of these {len(done)} task(s) at full length (each task's steps, 3 seeds, full "
+                  f"grids, these optimizers) from the per-step times measured here: {sum(projected) / 60:.0f} min "
+                  f"wall ({sum(cpu) / 60:.0f} min of this process's CPU time in training steps, plus evaluation)"
                   if projected and None not in projected else ""))
     return "\n".join(out)
 
 
 def plot_task(name: str, task: dict[str, Any], path: Path, log_y: bool) -> None:
-    """One figure: the training-loss curve and the held-out curve of every optimizer (mean over seeds)."""
+    """One figure: the training-loss curve and the held-out curve of every optimizer (mean over seeds).
+
+    The y-axis stops at 2.5x the initial held-out loss so that a diverged run does not flatten the others;
+    diverged runs are marked in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    initial = max(r["initial_loss"] for res in task["optimizers"].values() for r in res["runs"])
+    finite: list[float] = []
     for opt, res in task["optimizers"].items():
+        diverged = res["summary"]["diverged_seeds"]
+        label = opt + (f" (diverged: {diverged}/{len(res['runs'])} seeds)" if diverged else "")
         for ax, key in zip(axes, ("curve", "heldout_curve")):
             curves = [r[key] for r in res["runs"]]
             n = min(len(c) for c in curves)
             xs = [c[0] for c in curves[0][:n]]
             ys = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-            ax.plot(xs, ys, label=opt, marker="o" if key == "heldout_curve" else None, ms=3)
+            finite += [y for y in ys if math.isfinite(y)]
+            ax.plot(xs, ys, label=label if key == "curve" else None, marker="o" if key == "heldout_curve" else None,
+                    ms=3, ls="--" if diverged else "-")
+    top = min(max(finite, default=initial), 2.5 * initial)
+    bottom = min(finite, default=initial)
     for ax, what in zip(axes, ("training loss (minibatch, window mean)", "held-out loss (test subset)")):
         ax.set_xlabel("step")
         ax.set_ylabel(what)
         if log_y:
             ax.set_yscale("log")
+            ax.set_ylim(bottom / 1.1, top * 1.1)
+        else:
+            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
         ax.grid(True, alpha=0.3, which="both")
-    axes[1].legend(fontsize=7)
+    fig.legend(loc="center right", fontsize=7)
     fig.suptitle(f"{name}: {task['title']} (mean over {len(task['seeds'])} seed(s))")
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.88, wspace=0.22)
+    fig.subplots_adjust(left=0.06, right=0.78, bottom=0.12, top=0.88, wspace=0.25)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -421,6 +440,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         entry["wall_s"] = time.perf_counter() - t_task
         if not args.fast:
             entry["projected_full_s"] = project(task, entry)
+            entry["projected_full_cpu_s"] = project(task, entry, key="train_cpu_s")
         if args.out_dir is not None:
             png = args.out_dir / f"generalist_{task.name}.png"
             plot_task(task.name, entry, png, task.log_y)
@@ -484,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=None, help="reported seeds (default 0,1,2; --fast: 0)")
     p.add_argument("--tuning-seed", type=int, default=1000, help="the seed of the tuning runs (default 1000)")
     p.add_argument("--steps", type=_positive(int), default=None,
-                   help="training steps of every run (default: each task's, at least 2000; --fast: 5)")
+                   help="training steps of every run (default: each task's, at least 2000; --fast: 4)")
     p.add_argument("--fast", action="store_true", help="few steps, one seed, two-point grids, small evaluation sets: "
                                                         "a smoke test, not a result")
     p.add_argument("--data", type=Path, default=None,
