@@ -23,7 +23,7 @@ non-finite loss or parameter, or a training-loss window mean, or the final held-
 Output: one JSON file, a markdown table (printed, and ``--markdown PATH``), one PNG of loss curves
 per task in ``--out-dir``.
 
-    python benchmarks/generalist.py --threads 2                         # the full suite (see GENERALIST.md)
+    python benchmarks/generalist.py                                     # the full suite, ~95 min (GENERALIST.md)
     python benchmarks/generalist.py --rule generalist --rule runs/mine.pt   # plus further rules
     python benchmarks/generalist.py --tasks char-gpt --seeds 0 --steps 300  # one task, shortened
     python benchmarks/generalist.py --fast                              # a smoke test in seconds
@@ -60,9 +60,9 @@ from generalist_tasks import TASKS, MissingData, Splits, Task, default_data_dir,
 ADAM = "adam-1e-3"
 ADAMW = "adamw-tuned"
 SGDM = "sgdm-tuned"
-#: Half-decade grids: AdamW 1e-4 .. 1e-2, SGD-momentum 1e-3 .. 1.
-ADAMW_GRID = tuple(10 ** (e / 2) for e in range(-8, -3))
-SGDM_GRID = tuple(10 ** (e / 2) for e in range(-6, 1))
+#: Half-decade grids: AdamW 10^-3.5 .. 10^-1.5, SGD-momentum 10^-2.5 .. 10^-0.5.
+ADAMW_GRID = tuple(10 ** (e / 2) for e in range(-7, -2))
+SGDM_GRID = tuple(10 ** (e / 2) for e in range(-5, 0))
 FAST_ADAMW_GRID = (1e-3, 10 ** -2.5)
 FAST_SGDM_GRID = (1e-2, 10 ** -1.5)
 FAST_STEPS = 4

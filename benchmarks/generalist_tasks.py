@@ -11,11 +11,11 @@ task                   model                                                    
 ``char-gpt``           GPT-2-style decoder: 2 pre-LayerNorm blocks, n_embd 64, 4 heads,       Python's reference
                        causal self-attention, GELU MLP (4x), tied embeddings, context 64      docs (stdlib
                                                                                              ``pydoc_data``)
-``mnist-deep-mlp``     8 linear layers (784-64x7-10), ReLU, PyTorch's default init            MNIST
+``mnist-deep-mlp``     8 linear layers (784-48x7-10), ReLU, PyTorch's default init            MNIST
 ``fashion-bn-convnet`` 3 conv blocks (conv 3x3 with stride 2, BatchNorm, ReLU) + linear        Fashion-MNIST
-``fashion-resmlp``     residual MLP: 784 -> 64, 2 pre-LayerNorm blocks (64-128-64, GELU),     Fashion-MNIST
+``fashion-resmlp``     residual MLP: 784 -> 48, 2 pre-LayerNorm blocks (48-96-48, GELU),      Fashion-MNIST
                        LayerNorm, -> 10
-``mnist-autoencoder``  784-64-16-64-784 ReLU autoencoder, sigmoid output, binary cross-       MNIST
+``mnist-autoencoder``  784-48-16-48-784 ReLU autoencoder, sigmoid output, binary cross-       MNIST
                        entropy per pixel (a regression-style loss, not a classifier)
 ``mnist-row-lstm``     one-layer LSTM (hidden 64) reading an image as 28 rows of 28 pixels,   MNIST
                        linear head on the last hidden state
@@ -262,7 +262,7 @@ def bn_convnet() -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
 
 
-def deep_mlp(width: int = 64, layers: int = 8) -> nn.Module:
+def deep_mlp(width: int = 48, layers: int = 8) -> nn.Module:
     """``layers`` linear layers 784 -> width x (layers - 1) -> 10 with ReLU between them."""
     sizes = [784] + [width] * (layers - 1) + [10]
     mods: list[nn.Module] = []
@@ -286,16 +286,16 @@ class ResBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
-def res_mlp(dim: int = 64, hidden: int = 128, blocks: int = 2) -> nn.Module:
+def res_mlp(dim: int = 48, hidden: int = 96, blocks: int = 2) -> nn.Module:
     """784 -> dim, ``blocks`` residual blocks, LayerNorm, -> 10."""
     return nn.Sequential(nn.Linear(784, dim), *[ResBlock(dim, hidden) for _ in range(blocks)], nn.LayerNorm(dim),
                          nn.Linear(dim, 10))
 
 
 def autoencoder() -> nn.Module:
-    """784-64-16-64-784 with ReLU; outputs logits of the pixel intensities."""
-    return nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 64), nn.ReLU(),
-                         nn.Linear(64, 784))
+    """784-48-16-48-784 with ReLU; outputs logits of the pixel intensities."""
+    return nn.Sequential(nn.Linear(784, 48), nn.ReLU(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 48), nn.ReLU(),
+                         nn.Linear(48, 784))
 
 
 class RowLSTM(nn.Module):
@@ -390,13 +390,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "2 conv + 2 fully connected layers with max-pooling and dropout (PyTorch's MNIST example, 8/16 channels)",
          "MNIST", f"{_MNIST_HELD} with dropout (a noisy loss), max-pooling, 2 fully connected layers and 2000 steps",
          2000, 64, ConvNet, _cross_entropy, _image_splits("mnist", (1, 28, 28), MNIST_MEAN, MNIST_STD)),
-    Task("char-gpt", "character-level GPT (2 layers, n_embd 64), 16 x 64 characters",
+    Task("char-gpt", "character-level GPT (2 layers, n_embd 64), 8 x 64 characters",
          "GPT-2-style decoder: 2 pre-LayerNorm blocks, n_embd 64, 4 heads, causal self-attention, tied embeddings",
          "Python's language-reference help texts (stdlib pydoc_data.topics)",
          "a Transformer (attention, LayerNorm, embeddings) on real English/code text; meta-training's sequence "
-         "model sees only synthetic data", 2000, 16, CharGPT, _lm_loss, _text_splits, log_y=False),
-    Task("mnist-deep-mlp", "8-layer ReLU MLP (width 64), batch 128",
-         "8 linear layers 784-64x7-10 with ReLU, PyTorch's default initialisation", "MNIST",
+         "model sees only synthetic data", 2000, 8, CharGPT, _lm_loss, _text_splits, log_y=False),
+    Task("mnist-deep-mlp", "8-layer ReLU MLP (width 48), batch 128",
+         "8 linear layers 784-48x7-10 with ReLU, PyTorch's default initialisation", "MNIST",
          f"{_MNIST_HELD} 8 layers deep (meta-training's MLPs are shallow) and 2000 steps",
          2000, 128, deep_mlp, _cross_entropy, _image_splits("mnist", (784,), MNIST_MEAN, MNIST_STD)),
     Task("fashion-bn-convnet", "Fashion-MNIST BatchNorm convnet, batch 64",
@@ -404,11 +404,11 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "another data set, and BatchNorm (batch statistics in training, running statistics in evaluation)",
          2000, 64, bn_convnet, _cross_entropy, _image_splits("fashion-mnist", (1, 28, 28), FASHION_MEAN, FASHION_STD)),
     Task("fashion-resmlp", "Fashion-MNIST residual MLP with LayerNorm, batch 128",
-         "784 -> 64, 2 pre-LayerNorm residual blocks (64-128-64, GELU), LayerNorm, -> 10", "Fashion-MNIST",
+         "784 -> 48, 2 pre-LayerNorm residual blocks (48-96-48, GELU), LayerNorm, -> 10", "Fashion-MNIST",
          "another data set, residual connections and LayerNorm",
          2000, 128, res_mlp, _cross_entropy, _image_splits("fashion-mnist", (784,), FASHION_MEAN, FASHION_STD)),
-    Task("mnist-autoencoder", "MNIST autoencoder 784-64-16-64-784, batch 128",
-         "784-64-16-64-784 ReLU autoencoder, binary cross-entropy on the pixels", "MNIST images (no labels)",
+    Task("mnist-autoencoder", "MNIST autoencoder 784-48-16-48-784, batch 128",
+         "784-48-16-48-784 ReLU autoencoder, binary cross-entropy on the pixels", "MNIST images (no labels)",
          "an unsupervised reconstruction loss with a 784-wide output layer, not a classifier",
          2000, 128, autoencoder, _bce, _image_splits("mnist", (784,), 0.0, 1.0, normalise=False, autoencoder=True)),
     Task("mnist-row-lstm", "MNIST row-by-row LSTM classifier (hidden 64), batch 64",
