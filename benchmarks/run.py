@@ -5,12 +5,13 @@
     python benchmarks/run.py --suite maml-sine            # MAML, first-order MAML, Meta-SGD; speed vs a plain loop
     python benchmarks/run.py --suite maml-omniglot        # 5-way 1-shot MAML (slow on a CPU; --device cuda)
     python benchmarks/run.py --suite speed                # meta-training epoch, optimizer step, MAML iteration
+    python benchmarks/run.py --suite generalist           # held-out models trained through torch.optim (3 seeds)
     python benchmarks/run.py --suite quadratic --fast     # everything shrunk: a smoke test in seconds
 
 The suite drives the existing pieces in subprocesses and never re-implements them: the ``l2o``
 commands (``meta-train``, ``compare``, ``maml``, each with ``--json``) and the scripts next to this
 one (``mnist_generalisation.py``, ``speed_meta_train.py``, ``speed_step.py``, ``maml_sine.py
---speed``). Every measurement becomes one row appended to ``<out-dir>/<suite>.jsonl``::
+--speed``, ``generalist.py``). Every measurement becomes one row appended to ``<out-dir>/<suite>.jsonl``::
 
     {"suite", "name", "fast", "config", "seed", "l2o_version", "torch_version", "device", "threads",
      "machine", "git", "time", "wall_s", "metrics", "command", "files"}
@@ -42,7 +43,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 _LAST = object()  # Runner.add's default command: the last one run
 BENCH = REPO / "benchmarks"
-SUITES = ("quadratic", "mnist", "maml-sine", "maml-omniglot", "speed")
+SUITES = ("quadratic", "mnist", "maml-sine", "maml-omniglot", "speed", "generalist")
 #: Seeds of ``l2o compare``'s tuning tasks (its held-out tasks use this + 10000), as in the README tables.
 COMPARE_SEED = 10_000
 
@@ -467,9 +468,43 @@ def suite_speed(r: Runner) -> str:
     return "\n" + _table(("benchmark", "reference", "l2o", "ratio"), table)
 
 
+def suite_generalist(r: Runner) -> str:
+    """The held-out suite (benchmarks/generalist.py): users' own models trained through ``torch.optim`` and
+    ``l2o.LearnedOptimizer``, tuned baselines, every shipped rule and every ``--rule``; one row per task."""
+    if r.args.device != "cpu":
+        raise UsageError("the generalist suite runs on the CPU only (it times optimizers on this machine's cores)")
+    js, md = r.art / "generalist.json", r.art / "generalist.md"
+    argv: list[Any] = ["--json", js, "--markdown", md, "--out-dir", r.art, "--threads", r.args.threads,
+                       "--seeds", ",".join(map(str, r.args.seeds))]
+    for rule in r.args.rules:  # (a file as an absolute path: the script runs in the repository root)
+        argv += ["--rule", Path(rule).resolve() if Path(rule).is_file() else rule]
+    if r.args.tasks:
+        argv += ["--tasks", r.args.tasks]
+    if r.args.data:
+        argv += ["--data", r.args.data]
+    wall = r.script("generalist.py", *argv, *(["--fast"] if r.fast else []))
+    report = json.loads(js.read_text())
+    for name, task in report["tasks"].items():
+        config = {k: task.get(k) for k in ("title", "model", "data", "held_out", "steps", "batch_size", "params",
+                                              "source")}
+        config.update(seeds=task["seeds"], tuning_seed=report["config"]["tuning_seed"],
+                      rules=report["config"]["rules"])
+        if task.get("skipped"):
+            r.add(f"task-{name}", seed=task["seeds"], wall_s=0.0, files=[js], config=config,
+                  metrics={"skipped": task["skipped"]})
+            continue
+        png = r.figure(Path(task["figure"]))
+        config["tuning"] = {k: {"grid": t["grid"], "val_loss": t["val_loss"], "best_lr": t["best_lr"],
+                                "at_grid_edge": t["at_grid_edge"]} for k, t in task["tuning"].items()}
+        metrics = {opt: {"lr": res["lr"], **res["summary"]} for opt, res in task["optimizers"].items()}
+        r.add(f"task-{name}", seed=task["seeds"], wall_s=task["wall_s"], files=[js, md, png], config=config,
+              metrics=metrics)
+    return "\n" + md.read_text() + f"\n(generalist.py ran {wall:.0f} s)"
+
+
 SUITE_FUNCTIONS: dict[str, Callable[[Runner], str]] = {
     "quadratic": suite_quadratic, "mnist": suite_mnist, "maml-sine": suite_maml_sine,
-    "maml-omniglot": suite_maml_omniglot, "speed": suite_speed,
+    "maml-omniglot": suite_maml_omniglot, "speed": suite_speed, "generalist": suite_generalist,
 }
 
 
@@ -500,10 +535,30 @@ def _positive(text: str) -> int:
     return value
 
 
+def _generalist_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the generalist suite's ``--rule`` and ``--tasks``, or None."""
+    import l2o
+
+    shipped = [entry["name"] for entry in l2o.list_pretrained()]
+    for rule in args.rules:
+        if rule not in shipped and not Path(rule).is_file():
+            return (f"--rule {rule}: neither a shipped rule ({', '.join(shipped) or 'none shipped'}) nor an existing "
+                    "checkpoint file")
+    if args.tasks is not None:
+        sys.path.insert(0, str(BENCH))
+        from generalist_tasks import TASKS
+
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TASKS]
+        if unknown or not names:
+            return f"--tasks {args.tasks}: unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(TASKS)}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0],
-                                epilog="examples:\n" + "\n".join(line.strip() for line in __doc__.splitlines()[2:8]),
+                                epilog="examples:\n" + "\n".join(line.strip() for line in __doc__.splitlines()[2:9]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", required=True, choices=SUITES, help="the suite to run")
     p.add_argument("--fast", action="store_true",
@@ -513,12 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --fast runs/benchmarks-fast/results, so smoke runs never mix with results)")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="where checkpoints go (default runs/benchmarks; with --fast runs/benchmarks-fast)")
-    p.add_argument("--seeds", type=_seeds, default=[0],
-                   help="meta-training seeds, comma-separated (default 0); several add a mean ± std over seeds row")
-    p.add_argument("--rule", type=Path, default=None,
-                   help="quadratic/mnist: evaluate this checkpoint instead of meta-training one")
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="meta-training seeds, comma-separated (default 0); several add a mean ± std over seeds row; "
+                        "generalist: the reported seeds (default 0,1,2; --fast: 0)")
+    p.add_argument("--rule", action="append", default=[], metavar="PATH_OR_NAME",
+                   help="quadratic/mnist: evaluate this checkpoint instead of meta-training one; generalist: a further "
+                        "rule to evaluate (a shipped name or a checkpoint path), repeatable")
+    p.add_argument("--tasks", default=None, help="generalist: comma-separated task names (default: all)")
     p.add_argument("--data", type=Path, default=None,
-                   help="mnist/maml-omniglot: data directory (default $L2O_DATA, else ../shared/data)")
+                   help="mnist/maml-omniglot/generalist: data directory (default $L2O_DATA, else ../shared/data)")
     p.add_argument("--threads", type=_positive, default=1, help="torch threads of every command (default 1)")
     p.add_argument("--device", type=_device, default="cpu",
                    help="cpu (default) or cuda[:N] for the l2o commands of the quadratic and maml suites")
@@ -531,12 +589,29 @@ def main(argv: list[str] | None = None) -> int:
     default_root = REPO / "runs" / "benchmarks-fast" if args.fast else None
     args.out_dir = args.out_dir or (default_root / "results" if args.fast else BENCH / "results")
     args.runs_dir = args.runs_dir or (default_root if args.fast else REPO / "runs" / "benchmarks")
-    if args.rule is not None and args.suite not in ("quadratic", "mnist"):
-        print(f"run.py: error: --rule applies to the quadratic and mnist suites, not {args.suite}", file=sys.stderr)
+    args.seeds = args.seeds or ([0, 1, 2] if args.suite == "generalist" and not args.fast else [0])
+    args.rules, args.rule = list(args.rule), None
+    if args.rules and args.suite not in ("quadratic", "mnist", "generalist"):
+        print(f"run.py: error: --rule applies to the quadratic, mnist and generalist suites, not {args.suite}",
+              file=sys.stderr)
         return 2
-    if args.rule is not None and not args.rule.is_file():
-        print(f"run.py: error: --rule {args.rule} does not exist", file=sys.stderr)
+    if args.tasks is not None and args.suite != "generalist":
+        print(f"run.py: error: --tasks applies to the generalist suite, not {args.suite}", file=sys.stderr)
         return 2
+    if args.suite in ("quadratic", "mnist") and args.rules:
+        if len(args.rules) > 1:
+            print(f"run.py: error: the {args.suite} suite evaluates one --rule checkpoint, got {len(args.rules)}",
+                  file=sys.stderr)
+            return 2
+        args.rule = Path(args.rules[0])
+        if not args.rule.is_file():
+            print(f"run.py: error: --rule {args.rule} does not exist", file=sys.stderr)
+            return 2
+    if args.suite == "generalist":
+        problem = _generalist_usage(args)
+        if problem:
+            print(f"run.py: error: {problem}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     try:
         runner = Runner(args)

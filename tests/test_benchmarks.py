@@ -1,5 +1,6 @@
 """The benchmark suite entry point (benchmarks/run.py): a fast quadratic suite end to end, its JSON
-Lines rows, and its usage errors."""
+Lines rows, and its usage errors; the held-out generalist suite (benchmarks/generalist.py) in its fast
+mode, its skipping of missing data, its divergence flags and its usage errors."""
 
 from __future__ import annotations
 
@@ -87,7 +88,11 @@ def _load_run_module():
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--suite", "speed", "--rule", "x.pt"], "--rule applies to the quadratic and mnist suites"),
+    (["--suite", "speed", "--rule", "x.pt"], "--rule applies to the quadratic, mnist and generalist suites"),
+    (["--suite", "quadratic", "--rule", "a.pt", "--rule", "b.pt"], "evaluates one --rule checkpoint, got 2"),
+    (["--suite", "generalist", "--rule", "no-such-rule"], "neither a shipped rule"),
+    (["--suite", "generalist", "--tasks", "mnist-convnet,nope"], "unknown task(s) nope"),
+    (["--suite", "speed", "--tasks", "char-gpt"], "--tasks applies to the generalist suite"),
     (["--suite", "quadratic", "--rule", "missing.pt"], "does not exist"),
     (["--suite", "maml-omniglot", "--data", "."], "omniglot/images_background.zip"),
 ])
@@ -125,3 +130,148 @@ def test_mnist_drop_in_benchmark_smoke(tmp_path, shared_data_dir):
     assert all(len(r["losses"]) == 1 and math.isfinite(r["mean"]) for r in rows)
     # 3 steps from chance (ln 10 = 2.30): everything but the learned rule at lr 1 on ReLU has learned something
     assert all(r["mean"] < 2.25 for r in rows if not (r["activation"] == "relu" and r["optimizer"] == "mnist-nag (lr 1)"))
+
+
+# -- the held-out generalist suite ---------------------------------------------------------------------------------
+
+GENERALIST = REPO / "benchmarks" / "generalist.py"
+BASELINES = ("adam-1e-3", "adamw-tuned", "sgdm-tuned")
+
+
+def _mnist_dir(request) -> Path:
+    """$L2O_DATA when it holds MNIST, else the shared data directory (skips when absent)."""
+    env = os.environ.get("L2O_DATA")
+    if env and any((Path(env) / sub / "train-images-idx3-ubyte.gz").is_file() for sub in ("mnist", ".")):
+        return Path(env)
+    return request.getfixturevalue("shared_data_dir")
+
+
+def _load_generalist():
+    name = "benchmarks_generalist"
+    if name not in sys.modules:  # registered first: its dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location(name, GENERALIST)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_generalist_suite_fast(tmp_path, request):
+    """run.py --suite generalist --fast: every task, every optimizer (baselines and every shipped rule),
+    one seed, a few steps; the JSON report, the rows, the figures, finite curves everywhere."""
+    data = _mnist_dir(request)
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(RUN), "--suite", "generalist", "--fast", "--data", str(data),
+                           "--out-dir", str(out), "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "generalist" / "generalist.json").read_text())
+    generalist = _load_generalist()
+    assert report["config"]["fast"] is True and report["config"]["seeds"] == [0]
+    assert report["config"]["tuning_seed"] not in report["config"]["seeds"]
+    shipped = [e["name"] for e in l2o.list_pretrained()]
+    assert report["config"]["rules"] == shipped
+    assert list(report["tasks"]) == list(generalist.TASKS)
+    assert len(report["tasks"]) >= 6
+    ran = {name: t for name, t in report["tasks"].items() if not t["skipped"]}
+    fashion = any((d / "train-images-idx3-ubyte.gz").is_file()
+                  for d in (data / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")))
+    assert set(ran) == (set(report["tasks"]) if fashion else {n for n in report["tasks"] if not n.startswith("fashion")})
+    rows = [json.loads(line) for line in (out / "generalist.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == [f"task-{n}" for n in report["tasks"]]
+    for row in rows:
+        _check_common(row, "generalist")
+    for name, task in ran.items():
+        assert task["steps"] == generalist.FAST_STEPS and task["params"] > 0
+        assert set(task["tuning"]) == {"adamw", "sgdm"}
+        for tuning in task["tuning"].values():
+            assert len(tuning["grid"]) == len(tuning["val_loss"]) == 2 and tuning["best_lr"] in tuning["grid"]
+        opts = task["optimizers"]
+        assert list(opts) == [*BASELINES, *shipped]
+        assert opts["adamw-tuned"]["lr"] == task["tuning"]["adamw"]["best_lr"]
+        assert opts["sgdm-tuned"]["lr"] == task["tuning"]["sgdm"]["best_lr"]
+        assert opts["adam-1e-3"]["lr"] == 1e-3 and all(opts[r]["lr"] is None for r in shipped)
+        for opt, res in opts.items():
+            (run,) = res["runs"]
+            assert run["seed"] == 0 and run["params"] == task["params"]
+            finite = [v for _, v in run["curve"]] + [v for _, v in run["heldout_curve"]]
+            assert finite and all(v is not None and math.isfinite(v) for v in finite), (name, opt)
+            assert [s for s, _ in run["curve"]] == list(range(1, run["steps_done"] + 1))  # 5 steps: one window each
+            assert run["heldout_curve"][0][0] == 0 and isinstance(run["diverged"], bool)
+            assert (run["diverged_reason"] is None) == (not run["diverged"])
+            assert run["step_ms"] > 0 and run["train_step_ms"] >= run["step_ms"]
+            s = res["summary"]
+            if not run["diverged"]:
+                assert run["steps_done"] == generalist.FAST_STEPS and math.isfinite(run["final_loss"])
+                assert s["final_loss_mean"] == run["final_loss"] and s["final_loss_std"] == 0.0
+            assert s["diverged_seeds"] == int(run["diverged"]) and s["seeds"] == 1
+        adam = opts["adam-1e-3"]["summary"]
+        assert adam["vs_adam"] == 1.0 and adam["step_time_vs_adam"] == 1.0 and adam["run_time_vs_adam"] == 1.0
+        assert opts["adamw-tuned"]["summary"]["vs_adamw_tuned"] == 1.0
+        # bytes of every tensor in opt.state per parameter: Adam 2 floats (+ a step tensor per parameter
+        # tensor), SGD-momentum 1 float, the 2x20 LSTM rules at least 80 floats
+        assert 8.0 < opts["adam-1e-3"]["summary"]["state_bytes_per_param"] < 8.01
+        assert opts["sgdm-tuned"]["summary"]["state_bytes_per_param"] == 4.0
+        assert all(opts[r]["summary"]["state_bytes_per_param"] >= 320 for r in shipped)
+        assert Path(task["figure"]).read_bytes()[:4] == b"\x89PNG"
+        assert f"### {name}:" in proc.stdout
+    assert "| mnist-paper |" in proc.stdout and "held-out loss / tuned AdamW's" in proc.stdout
+
+
+def test_generalist_missing_data_skips_with_a_message(tmp_path, monkeypatch, capsys):
+    """Without MNIST or Fashion-MNIST the image tasks are skipped, each with what is missing and how to
+    get it; the text task (data from Python's standard library) still runs; --rule takes a checkpoint."""
+    generalist = _load_generalist()
+    tasks = sys.modules["generalist_tasks"]
+    monkeypatch.setattr(tasks, "DEBIAN_FASHION_DIR", tmp_path / "no-fashion")
+    ckpt = tmp_path / "mine.pt"
+    l2o.save_rule(ckpt, l2o.load_pretrained("mnist"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    js = tmp_path / "g.json"
+    code = generalist.main(["--fast", "--no-shipped", "--rule", str(ckpt), "--data", str(empty), "--json", str(js),
+                            "--tasks", "mnist-convnet,fashion-resmlp,char-gpt", "--out-dir", str(tmp_path / "o"),
+                            "--markdown", str(tmp_path / "g.md")])
+    assert code == 0
+    report = json.loads(js.read_text())
+    convnet, fashion, gpt = (report["tasks"][n] for n in ("mnist-convnet", "fashion-resmlp", "char-gpt"))
+    assert "MNIST is not on this machine" in convnet["skipped"] and str(empty) in convnet["skipped"]
+    assert "apt-get install dataset-fashion-mnist" in fashion["skipped"]
+    assert str(tmp_path / "no-fashion") in fashion["skipped"]
+    assert gpt["skipped"] is None and "pydoc_data" in gpt["source"]
+    assert list(gpt["optimizers"]) == [*BASELINES, str(ckpt)]
+    assert "checkpoint=" in gpt["optimizers"][str(ckpt)]["source"]
+    text = (tmp_path / "g.md").read_text()
+    assert "### mnist-convnet: skipped" in text and "### char-gpt:" in text
+    assert "skipping fashion-resmlp" in capsys.readouterr().out
+
+
+def test_generalist_flags_divergence():
+    """A run whose loss blows up is flagged (and stopped at a non-finite loss); a sane one is not."""
+    generalist = _load_generalist()
+    task = generalist.TASKS["char-gpt"]
+    splits = task.load(None, True, 4)
+    ok = generalist.train(task, splits, lambda ps: torch.optim.Adam(ps, lr=1e-3), 0, 4, factor=2.0, eval_points=2)
+    assert not ok["diverged"] and ok["diverged_reason"] is None and ok["steps_done"] == 4
+    assert ok["final_loss"] < ok["initial_loss"]  # 4 Adam steps from ln(97) = 4.57 learn the character frequencies
+    bad = generalist.train(task, splits, lambda ps: torch.optim.SGD(ps, lr=1e6), 0, 4, factor=2.0, eval_points=2)
+    assert bad["diverged"] and ("non-finite" in bad["diverged_reason"] or "above 2 x" in bad["diverged_reason"])
+    assert bad["steps_done"] <= 4
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--rule", "no-such-rule"], "neither a shipped rule"),
+    (["--seeds", "0,1", "--tuning-seed", "1"], "tuning must use a separate seed"),
+])
+def test_generalist_usage_errors_exit_2(tmp_path, capsys, argv, match):
+    generalist = _load_generalist()
+    code = generalist.main([*argv, "--fast", "--tasks", "char-gpt", "--out-dir", str(tmp_path)])
+    assert code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "generalist.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["--tasks", "nope"], ["--seeds", "1,1"], ["--steps", "0"]])
+def test_generalist_argparse_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        _load_generalist().main(argv)
+    assert exc.value.code == 2
