@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from . import tree  # noqa: E402
 from .checkpoints import CheckpointError, load_rule, save_rule  # noqa: E402
-from .rules import NAG, RULES, SGD, Adam, LSTMRule, MetaSGD, RMSprop, Rule  # noqa: E402
+from .rules import NAG, RULES, SGD, Adam, LSTMRule, MetaSGD, MLPRule, RMSprop, Rule  # noqa: E402
 from .unroll import InnerState, UnrollResult, init_inner, truncate, unroll  # noqa: E402
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Adam",
     "LSTMRule",
     "MetaSGD",
+    "MLPRule",
     "RULES",
     "unroll",
     "truncate",
