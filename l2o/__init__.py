@@ -17,7 +17,7 @@ __version__ = "0.2.0.dev0"
 
 from . import tree  # noqa: E402
 from .checkpoints import CheckpointError, load_rule, save_rule  # noqa: E402
-from .rules import NAG, SGD, Adam, LSTMRule, MetaSGD, RMSprop, Rule  # noqa: E402
+from .rules import NAG, SGD, Adam, LSTMRule, MetaSGD, MLPRule, RMSprop, Rule  # noqa: E402
 from .unroll import InnerState, UnrollResult, init_inner, truncate, unroll  # noqa: E402
 from .optim import LearnedOptimizer  # noqa: E402
 from .pretrained import list_pretrained, load_pretrained  # noqa: E402
@@ -55,6 +55,7 @@ __all__ = [
     "Adam",
     "LSTMRule",
     "MetaSGD",
+    "MLPRule",
     # the engine
     "unroll",
     "truncate",

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from l2o import CheckpointError, LSTMRule, init_inner, load_rule, save_rule, unroll
+from l2o import CheckpointError, LSTMRule, MLPRule, init_inner, load_rule, save_rule, unroll
 from l2o.checkpoints import FORMAT_VERSION, load_checkpoint
 from l2o.rules import Adam
 from optimizees.quadratic import QuadraticFamily
@@ -22,7 +22,8 @@ def _trajectory(rule):
 
 
 @pytest.mark.parametrize("make", [lambda: LSTMRule(preprocess="log_sign", hidden_size=7, output_scale=0.5),
-                                  lambda: Adam(lr=0.03, betas=(0.8, 0.99))])
+                                  lambda: Adam(lr=0.03, betas=(0.8, 0.99)),
+                                  lambda: MLPRule(hidden_size=5, residual=False, instance_dims=1, total_steps=10)])
 def test_round_trip_gives_identical_unroll(tmp_path, make):
     torch.manual_seed(0)
     rule = make()

@@ -51,7 +51,7 @@ import l2o
 from l2o.checkpoints import (CheckpointError, load_checkpoint, load_rule, load_training_state, save_rule,
                              save_training_state)
 from l2o.maml import MAML, MAMLInit, SupervisedTask, adaptation_curve
-from l2o.rules import NAG, SGD, Adam, LSTMRule, MetaSGD, RMSprop
+from l2o.rules import NAG, SGD, Adam, LSTMRule, MetaSGD, MLPRule, RMSprop
 from optimizees.data import DataError, IDX_DTYPES, load_mnist, read_idx
 from optimizees.mlp import MLPFamily, MLPTask, MNISTData
 from optimizees.omniglot import (ConvNet, OmniglotData, OmniglotFamily, decode_png, read_omniglot_zip,
@@ -226,6 +226,10 @@ ENTRIES = [
     Entry("LSTMRule", LSTMRule, {k: _v(v) for k, v in dict(hidden_size=3, num_layers=2, preprocess="log_sign",
                                                            preprocess_p=10.0, output_scale=0.1, zero_init_output=False,
                                                            fused=True).items()}, _one_step),
+    Entry("MLPRule", MLPRule, {k: _v(v) for k, v in dict(hidden_size=3, hidden_layers=2, residual=True, lr=1e-3,
+                                                         exp_mult=1.0, momentum_decays=(0.9, 0.99, 0.999),
+                                                         second_moment_decay=0.999, factored_decay=0.999, eps=1e-8,
+                                                         instance_dims=0, total_steps=None).items()}, _one_step),
     Entry("MetaSGD", MetaSGD, {"shapes": _v({"w": (3, 2)}), "lr": _v(0.1)}, _one_step,
           {"shapes": ("MetaSGD",)}),
     Entry("MAML", MAML, {"model": _lin, "inner_lr": _v(0.1), "inner_steps": _v(2), "first_order": _v(False),
@@ -364,7 +368,7 @@ _TREES = st.one_of(
 def _rules() -> list[l2o.Rule]:
     torch.manual_seed(0)
     return [SGD(momentum=0.9), NAG(), RMSprop(centered=True, momentum=0.5), Adam(), LSTMRule(hidden_size=3),
-            LSTMRule(hidden_size=3, num_layers=1, preprocess="rnnprop"), MetaSGD(_GOOD)]
+            LSTMRule(hidden_size=3, num_layers=1, preprocess="rnnprop"), MetaSGD(_GOOD), MLPRule(hidden_size=3)]
 
 
 _RULES = _rules()
@@ -535,7 +539,7 @@ _FP16_UNSAFE = {"rmsprop", "adam"}
 
 
 def test_the_fuzzed_rules_are_all_the_argument_free_ones() -> None:
-    assert set(NO_ARGUMENT_RULES) == {"sgd", "nag", "rmsprop", "adam", "lstm"}
+    assert set(NO_ARGUMENT_RULES) == {"sgd", "nag", "rmsprop", "adam", "lstm", "mlp"}
     with pytest.raises(TypeError, match="cannot drive a torch.optim optimizer"):
         l2o.LearnedOptimizer([nn.Parameter(torch.zeros(2))], rule=MetaSGD({"w": (2,)}))
 

@@ -5,10 +5,11 @@ from .base import Rule
 from .hand import HAND_RULES, NAG, SGD, Adam, AdamState, RMSprop, RMSpropState, SGDState
 from .lstm import LSTMRule, LSTMState
 from .metasgd import MetaSGD, MetaSGDState
+from .mlp import MLPRule, MLPState
 from .preprocess import PREPROCESSORS
 
 #: Every rule a checkpoint may name, by :attr:`Rule.name`.
-RULES: dict[str, type[Rule]] = {**HAND_RULES, LSTMRule.name: LSTMRule, MetaSGD.name: MetaSGD}
+RULES: dict[str, type[Rule]] = {**HAND_RULES, LSTMRule.name: LSTMRule, MetaSGD.name: MetaSGD, MLPRule.name: MLPRule}
 
 __all__ = [
     "Rule",
@@ -25,6 +26,8 @@ __all__ = [
     "LSTMState",
     "MetaSGD",
     "MetaSGDState",
+    "MLPRule",
+    "MLPState",
     "PREPROCESSORS",
     "RULES",
 ]
