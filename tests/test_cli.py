@@ -4,6 +4,7 @@ usage, 1 for failures while running, tracebacks behind --debug)."""
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from l2o.cli import main
-from l2o.checkpoints import load_checkpoint
+import l2o
+from l2o.checkpoints import load_checkpoint, load_rule
 
 
 def _run(capsys, *argv):
@@ -63,7 +65,7 @@ def test_meta_train_then_compare(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["meta-train", "--task", "rosenbrock", "--out", "x.pt"], "unknown task 'rosenbrock'; known tasks: mnist, quadratic"),
+    (["meta-train", "--task", "rosenbrock", "--out", "x.pt"], "unknown task 'rosenbrock'; known tasks: generalist, mnist, quadratic"),
     (["meta-train", "--task", "quadratic", "--out", "x.pt", "--horizon", "10", "--truncation", "20"], "longer than the horizon"),
     (["compare", "--task", "quadratic", "--rule", "missing.pt"], "does not exist"),
 ])
@@ -386,3 +388,45 @@ def test_usage_errors_are_one_line_pointing_at_help(argv, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("l2o") and "error:" in err and "--help" in err
+
+
+# --- the generalist rule, estimators and horizon schedules on the command line ---
+
+
+def test_meta_train_generalist_writes_an_mlp_rule(tmp_path, capsys, shared_data_dir):
+    out = tmp_path / "g.pt"
+    code = main(["meta-train", "--task", "generalist", "--data", str(shared_data_dir), "--out", str(out),
+                 "--epochs", "2", "--horizon", "12", "--min-horizon", "6", "--truncation", "6",
+                 "--validate-every", "2", "--num-val-tasks", "2", "--tasks-per-step", "2", "--no-progress"])
+    assert code == 0
+    rule = load_rule(out)
+    assert isinstance(rule, l2o.MLPRule)
+    provenance = torch.load(out, weights_only=True)["provenance"]
+    assert provenance["train_config"]["horizon_schedule"] == "log_uniform"
+    assert provenance["train_config"]["objective"] == "log_loss"
+
+
+def test_meta_train_with_pes_on_quadratics(tmp_path, capsys):
+    out = tmp_path / "q.pt"
+    code = main(["meta-train", "--task", "quadratic", "--dim", "3", "--num-functions", "4", "--out", str(out),
+                 "--epochs", "2", "--horizon", "10", "--truncation", "5", "--hidden-size", "4", "--first-order",
+                 "--estimator", "pes", "--es-std", "0.05", "--tasks-per-step", "2", "--no-progress"])
+    assert code == 0
+    config = torch.load(out, weights_only=True)["provenance"]["train_config"]
+    assert config["estimator"] == "pes" and config["es_std"] == 0.05 and config["tasks_per_step"] == 2
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["meta-train", "--task", "quadratic", "--rule", "mlp", "--output-scale", "0.1", "--out", "x.pt"],
+     "--output-scale configure the LSTM rule; drop them with --rule mlp"),
+    (["meta-train", "--task", "quadratic", "--estimator", "es", "--second-order", "--out", "x.pt"],
+     "second_order .* only estimator='tbptt'"),
+    (["compare", "--task", "generalist"], "evaluated on held-out models by benchmarks/generalist.py"),
+    (["meta-train", "--task", "quadratic", "--min-horizon", "5", "--out", "x.pt"],
+     "min_horizon is the shortest horizon of horizon_schedule='log_uniform'"),
+])
+def test_generalist_and_estimator_usage_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err

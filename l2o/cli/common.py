@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
-__all__ = ["UsageError", "checking_arguments", "RULE_DEFAULTS", "META_TRAIN_DEFAULTS", "COMPARE_DEFAULTS", "default_threads", "positive_int", "positive_float", "nonnegative_float",
+__all__ = ["UsageError", "checking_arguments", "RULE_DEFAULTS", "META_TRAIN_DEFAULTS", "RUN_DEFAULTS", "COMPARE_DEFAULTS", "default_threads", "positive_int", "positive_float", "nonnegative_float",
            "add_task_args", "family_from_args", "mnist_family", "resolve_training_state", "device_name", "plot_path",
            "add_device_arg", "resolve_device", "DeviceFamily", "on_device", "format_table", "write_json",
            "RuleProgress", "add_distributed_args", "init_distributed", "tasks_per_step"]
@@ -63,7 +63,13 @@ def task_families() -> dict[str, Callable[[argparse.Namespace], Any]]:
     from optimizees.quadratic import QuadraticFamily
 
     return {"quadratic": lambda a: QuadraticFamily(dim=a.dim, num_functions=a.num_functions),
-            "mnist": mnist_family}
+            "mnist": mnist_family, "generalist": generalist_family}
+
+
+def generalist_family(args: argparse.Namespace) -> Any:
+    from optimizees.generalist import generalist_family as mixture
+
+    return mixture(args.data)
 
 
 #: Per-task defaults of the LSTM rule built by ``l2o meta-train``. Quadratics: the paper's raw-gradient
@@ -71,14 +77,27 @@ def task_families() -> dict[str, Callable[[argparse.Namespace], Any]]:
 #: same meta-training time; measured 1 / 0.3 / 0.1 / 0.03 / 0.01: 0.359 / 0.350 / 0.320 / 0.297 / 0.291).
 #: MNIST: the paper's log/sign inputs and output scale 0.1.
 RULE_DEFAULTS = {"quadratic": {"preprocess": "none", "output_scale": 0.01},
-                 "mnist": {"preprocess": "log_sign", "output_scale": 0.1}}
+                 "mnist": {"preprocess": "log_sign", "output_scale": 0.1},
+                 "generalist": {}}
 
 
 #: Per-task defaults of ``l2o meta-train`` (``--first-order`` / ``--second-order`` override them).
 #: Quadratics: second order reached 0.36x tuned Adam at step 100 where first order (the paper's
 #: choice) stayed at 0.50x, in the same meta-training time (output scale 1; benchmarks/README.md).
 META_TRAIN_DEFAULTS = {"quadratic": {"second_order": True},
-                       "mnist": {"second_order": False}}
+                       "mnist": {"second_order": False},
+                       "generalist": {"second_order": False}}
+
+#: ``l2o meta-train``'s defaults by task for what the command line leaves out: the rule and the
+#: run's schedule (the generalist: the recipe of the shipped ``"generalist"`` rule, see
+#: ``l2o/pretrained/index.json``).
+RUN_DEFAULTS = {
+    "quadratic": {"rule": "lstm", "horizon": 100, "truncation": 20},
+    "mnist": {"rule": "lstm", "horizon": 100, "truncation": 20},
+    "generalist": {"rule": "mlp", "horizon": 400, "truncation": 25, "horizon_schedule": "log_uniform",
+                   "min_horizon": 50, "objective": "log_loss", "tasks_per_step": 4, "epochs": 600,
+                   "meta_lr": 3e-3, "meta_lr_final": 3e-4, "validate_every": 50, "num_val_tasks": 8},
+}
 
 
 #: Per-task defaults of ``l2o compare``: held-out and tuning instances, and (mnist) networks per
@@ -130,12 +149,14 @@ def float_pair(text: str) -> tuple[float, float]:
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task family: quadratic or mnist")
+    p.add_argument("--task", required=True, help="task family: quadratic, mnist, or (meta-train only) generalist, "
+                                                 "the mixture of small models the shipped generalist rule learns on")
     p.add_argument("--dim", type=positive_int, default=10, help="quadratic: dimension d (default 10)")
     p.add_argument("--num-functions", type=positive_int, default=128,
                    help="quadratic: functions batched in one task (default 128)")
     p.add_argument("--data", type=Path, default=None,
-                   help="mnist: directory with the MNIST IDX files (default: $L2O_DATA)")
+                   help="mnist, generalist: directory with the MNIST IDX files (and, generalist, the Omniglot "
+                        "zips) (default: $L2O_DATA)")
     p.add_argument("--mlp-hidden", type=_widths, default=(20,),
                    help="mnist: hidden layer widths, comma-separated (default 20; e.g. 40 or 20,20)")
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"],
@@ -152,7 +173,7 @@ def default_threads(task: str, distributed: bool = False) -> int:
     """The ``--threads`` default: 1 on quadratics (overhead-bound) and for ``--distributed`` runs (one
     process per core), else, on MNIST, the available cores up to 2 (20 meta-training epochs of the
     paper's MLP: 33.5-33.9 s on 1 thread, 20.7-26.3 s on 2, on this project's 2-core machine)."""
-    if task != "mnist" or distributed:
+    if task not in ("mnist", "generalist") or distributed:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(2, cores))
@@ -330,9 +351,10 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Path | None, int | None,
     return device, state_path, checkpoint_every, rank, world, cpu
 
 
-def tasks_per_step(args: argparse.Namespace, world: int) -> int:
-    """``--tasks-per-step`` (default: the number of ranks), which the ranks must divide (a :class:`UsageError` if not)."""
-    tasks = args.tasks_per_step or world
+def tasks_per_step(args: argparse.Namespace, world: int, default: int | None = None) -> int:
+    """``--tasks-per-step`` (default: ``default``, else the number of ranks), which the ranks must
+    divide (a :class:`UsageError` if not)."""
+    tasks = args.tasks_per_step or default or world
     if tasks % world:
         raise UsageError(f"--tasks-per-step {tasks} must be a multiple of the number of ranks ({world}): each rank "
                          "takes the same share of every meta-batch")

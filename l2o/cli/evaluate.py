@@ -165,6 +165,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..perf import configure_cpu
 
     with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        if args.task == "generalist":
+            raise UsageError("the generalist mixture is a meta-training distribution; its rule is evaluated on held-out "
+                             "models by benchmarks/generalist.py (l2o evaluate takes --task quadratic or mnist)")
         device = resolve_device(args)
         rule, source, trained_on = _load(args)
         defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])

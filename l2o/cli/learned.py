@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (COMPARE_DEFAULTS, META_TRAIN_DEFAULTS, RULE_DEFAULTS, add_device_arg, add_distributed_args,
+from .common import (COMPARE_DEFAULTS, META_TRAIN_DEFAULTS, RULE_DEFAULTS, RUN_DEFAULTS, UsageError, add_device_arg,
+                     add_distributed_args,
                      add_task_args, checking_arguments, compact_history, family_from_args, float_pair, format_table,
                      mnist_family, nonnegative_float, on_device, plot_path, positive_float, positive_int, prepare_run,
                      resolve_device, RuleProgress, save_figure, say, tasks_per_step, write_outputs)
@@ -16,26 +17,48 @@ __all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd
 
 
 def add_meta_train_parser(sub: Any) -> None:
-    mt = sub.add_parser("meta-train", help="meta-train a coordinate-wise LSTM rule on a task family",
-                        description="Meta-train a coordinate-wise LSTM rule (Andrychowicz et al. 2016) and save "
-                                    "the best validated weights as a checkpoint.",
+    mt = sub.add_parser("meta-train", help="meta-train a learned rule (LSTM or per-parameter MLP) on a task family",
+                        description="Meta-train a learned rule, the coordinate-wise LSTM (Andrychowicz et al. 2016) or "
+                                    "the memory-light per-parameter MLP, and save the best validated weights as a "
+                                    "checkpoint.",
                         epilog="examples:\n"
                                "  l2o meta-train --task quadratic --out runs/quadratic.pt\n"
                                "  l2o meta-train --task quadratic --out runs/q.pt --epochs 200 --json runs/q.json --plot runs/q.png\n"
                                "  l2o meta-train --task quadratic --out runs/q.pt --checkpoint-every 50    # resumable\n"
-                               "  l2o meta-train --task mnist --data ../shared/data --out runs/mnist.pt",
+                               "  l2o meta-train --task mnist --data ../shared/data --out runs/mnist.pt\n"
+                               "  l2o meta-train --task generalist --data ../shared/data --out runs/generalist.pt",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(mt)
     mt.add_argument("--out", required=True, type=Path, help="checkpoint path to write")
-    mt.add_argument("--epochs", type=positive_int, default=None, help="tasks to train on (default 1000)")
-    mt.add_argument("--horizon", type=positive_int, default=100, help="inner steps per task (default 100)")
-    mt.add_argument("--truncation", type=positive_int, default=20, help="inner steps per meta-step (default 20)")
+    mt.add_argument("--rule", default=None, choices=["lstm", "mlp"],
+                    help="the learned rule: lstm (the coordinate-wise LSTM; quadratic and mnist default) or mlp "
+                         "(l2o.MLPRule, 4 floats of state per parameter; generalist default)")
+    mt.add_argument("--epochs", type=positive_int, default=None,
+                    help="rounds of tasks to train on (default 1000; generalist 600)")
+    mt.add_argument("--horizon", type=positive_int, default=None,
+                    help="inner steps per task, the longest with --horizon-schedule log_uniform (default 100; "
+                         "generalist 400)")
+    mt.add_argument("--truncation", type=positive_int, default=None,
+                    help="inner steps per meta-step (default 20; generalist 25)")
+    mt.add_argument("--horizon-schedule", default=None, choices=["constant", "log_uniform"],
+                    help="every task runs --horizon steps (constant, default) or each round draws its horizon "
+                         "log-uniformly from [--min-horizon, --horizon] (generalist default)")
+    mt.add_argument("--min-horizon", type=positive_int, default=None,
+                    help="the shortest horizon of --horizon-schedule log_uniform (default: --truncation; generalist 50)")
+    mt.add_argument("--estimator", default=None, choices=["tbptt", "es", "pes"],
+                    help="the meta-gradient: truncated backpropagation (default), antithetic ES, or persistent ES "
+                         "(unbiased over the truncations of a horizon); ES/PES run one antithetic pair per task")
+    mt.add_argument("--es-std", type=positive_float, default=None,
+                    help="the standard deviation of the ES/PES perturbations of the meta-params (default 0.01)")
+    mt.add_argument("--num-val-tasks", type=positive_int, default=None,
+                    help="held-out validation tasks (default 2; generalist 8)")
     mt.add_argument("--meta-lr", type=positive_float, default=None, help="initial Adam meta learning rate (default 1e-2)")
     mt.add_argument("--meta-lr-final", type=positive_float, default=None, help="final meta lr of the cosine decay (default 1e-4)")
     mt.add_argument("--validate-every", type=positive_int, default=None, help="epochs between validations (default 50)")
     mt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    mt.add_argument("--hidden-size", type=positive_int, default=20, help="LSTM units per layer (default 20)")
-    mt.add_argument("--layers", type=positive_int, default=2, help="LSTM layers (default 2)")
+    mt.add_argument("--hidden-size", type=positive_int, default=None,
+                    help="units per layer of the rule's network (default: LSTM 20, MLP 8)")
+    mt.add_argument("--layers", type=positive_int, default=None, help="layers of the rule's network (default: LSTM 2, MLP 1)")
     mt.add_argument("--preprocess", default=None, choices=["none", "log_sign", "rnnprop"],
                     help="LSTM inputs: none (quadratic default), log_sign (mnist default) or rnnprop "
                          "(Adam-normalised gradient and momentum)")
@@ -120,36 +143,31 @@ def add_compare_parser(sub: Any) -> None:
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from ..checkpoints import save_rule
     from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
-    from ..rules import LSTMRule
-    from ..rules.preprocess import RNNPROP_BETAS
-
     with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        if args.task not in RUN_DEFAULTS:
+            family_from_args(args)  # names the known tasks
+        defaults = RUN_DEFAULTS[args.task]
+        import torch
+
+        torch.manual_seed(args.seed)
+        rule = _rule_from_args(args, args.rule or defaults["rule"])
         family = family_from_args(args)
-        config = MetaTrainConfig(horizon=args.horizon, truncation=args.truncation, seed=args.seed)
-        for field, value in (("epochs", args.epochs), ("meta_lr", args.meta_lr),
-                             ("meta_lr_final", args.meta_lr_final), ("validate_every", args.validate_every)):
+        config = MetaTrainConfig(seed=args.seed)
+        for field in ("epochs", "horizon", "truncation", "horizon_schedule", "min_horizon", "estimator", "es_std",
+                      "meta_lr", "meta_lr_final", "validate_every", "num_val_tasks", "objective"):
+            value = getattr(args, field)
+            value = defaults.get(field) if value is None else value
             if value is not None:
                 setattr(config, field, value)
         config.second_order = (META_TRAIN_DEFAULTS[args.task]["second_order"] if args.second_order is None
                                else args.second_order)
-        if args.objective is not None:
-            config.objective = args.objective
         if args.step_weights is not None:
             config.step_weights = args.step_weights
         config.validate()
         device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
-        config.tasks_per_step = tasks_per_step(args, world)
-        import torch
-
-        torch.manual_seed(args.seed)
+        config.tasks_per_step = tasks_per_step(args, world, default=defaults.get("tasks_per_step"))
         family = on_device(family, device)
-        defaults = RULE_DEFAULTS[args.task]
-        rule = LSTMRule(hidden_size=args.hidden_size, num_layers=args.layers,
-                        preprocess=args.preprocess or defaults["preprocess"],
-                        output_scale=args.output_scale or defaults["output_scale"],
-                        zero_init_output=args.zero_init_output, adam_lr=args.adam_lr, momentum_lr=args.momentum_lr,
-                        nesterov_lr=args.nesterov_lr, nesterov_momentum=args.nesterov_momentum,
-                        rnnprop_betas=args.rnnprop_betas or RNNPROP_BETAS).to(device)
+        rule = rule.to(device)
     if not args.out.parent.exists():
         args.out.parent.mkdir(parents=True)
     try:
@@ -203,6 +221,30 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                   lambda path: plot_history(result.history, path,
                                             title=f"meta-train {args.task}: {result.meta_steps} meta-steps"))
     return 0
+
+
+#: ``l2o meta-train`` flags that configure the LSTM rule only (refused with ``--rule mlp``).
+_LSTM_ONLY = ("preprocess", "output_scale", "adam_lr", "momentum_lr", "nesterov_lr", "rnnprop_betas")
+
+
+def _rule_from_args(args: argparse.Namespace, kind: str) -> Any:
+    """The rule ``l2o meta-train`` trains: an :class:`~l2o.LSTMRule` or an :class:`~l2o.MLPRule`."""
+    from ..rules import LSTMRule, MLPRule
+    from ..rules.preprocess import RNNPROP_BETAS
+
+    if kind == "mlp":
+        given = [f"--{name.replace('_', '-')}" for name in _LSTM_ONLY if getattr(args, name) is not None]
+        given += ["--zero-init-output"] if args.zero_init_output else []
+        if given:
+            raise UsageError(f"{', '.join(given)} configure the LSTM rule; drop them with --rule mlp (or use --rule lstm)")
+        return MLPRule(hidden_size=args.hidden_size or 8, hidden_layers=args.layers or 1)
+    defaults = RULE_DEFAULTS.get(args.task) or RULE_DEFAULTS["mnist"]
+    return LSTMRule(hidden_size=args.hidden_size or 20, num_layers=args.layers or 2,
+                    preprocess=args.preprocess or defaults["preprocess"],
+                    output_scale=args.output_scale or defaults["output_scale"],
+                    zero_init_output=args.zero_init_output, adam_lr=args.adam_lr, momentum_lr=args.momentum_lr,
+                    nesterov_lr=args.nesterov_lr, nesterov_momentum=args.nesterov_momentum,
+                    rnnprop_betas=args.rnnprop_betas or RNNPROP_BETAS)
 
 
 def plot_history(history: dict[str, list[float]], path: Path, *, title: str) -> None:
@@ -270,6 +312,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..perf import configure_cpu
 
     with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
+        if args.task == "generalist":
+            raise UsageError("the generalist mixture is a meta-training distribution; its rule is evaluated on held-out "
+                             "models by benchmarks/generalist.py (l2o compare takes --task quadratic or mnist)")
         device = resolve_device(args)
         rule = load_rule(args.rule) if args.rule is not None else None
         defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
