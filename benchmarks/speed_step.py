@@ -25,9 +25,18 @@ and write the recurrent state (2 L H numbers)::
 
 = 4 + 8 + 640 = 652 bytes per coordinate for float32 everything and the paper's LSTM.
 
+With ``--mlp-rule`` it also times the memory-light :class:`l2o.MLPRule` on a ~10M-parameter MLP
+(ten 1000 x 1000 layers by default) next to ``torch.optim.Adam`` and ``torch.optim.AdamW``
+(``foreach=True``, lr 1e-3), at each of ``--mlp-threads`` (default 1 and 2), all in the same run and
+interleaved (one step of each in turn, ``--repeats`` rounds; median and minimum reported): the drop-in
+``LearnedOptimizer(rule=MLPRule())`` and ``MLPRule.update_`` called once on all parameters (what an
+adapter calling the rule once per param group runs), with the update added to the parameters.
+``--no-lstm`` skips the LSTM measurement.
+
 Usage::
 
     python benchmarks/speed_step.py [--threads 1] [--repeats 15] [--json out.json]
+    python benchmarks/speed_step.py --no-lstm --mlp-rule [--mlp-threads 1 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -133,6 +142,78 @@ def profile_top_ops(step: Callable[[], object], top: int = 8) -> list[dict[str, 
              "share": e.self_cpu_time_total / total} for e in rows]
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each of ``fns``, run one after the other ``repeats`` times (after ``warmup`` rounds),
+    so that every candidate sees the same machine conditions."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def measure_mlp_rule(sizes: list[int], threads: list[int], repeats: int, warmup: int, seed: int) -> dict[str, object]:
+    """ms per step of ``MLPRule`` (drop-in and one call on all params) against Adam and AdamW (foreach)."""
+    from l2o.rules.mlp import MLPRule
+
+    rows = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        fns: dict[str, Callable[[], object]] = {}
+        models = {}
+        for name in ("adam", "adamw", "learned_optimizer", "update_all"):
+            model = make_model(sizes, seed)
+            set_random_grads(model, seed + 1)
+            models[name] = model
+        fns["adam"] = torch.optim.Adam(models["adam"].parameters(), lr=1e-3, foreach=True).step
+        fns["adamw"] = torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3, foreach=True).step
+        fns["learned_optimizer"] = l2o.LearnedOptimizer(models["learned_optimizer"].parameters(), rule=MLPRule()).step
+        rule = MLPRule().requires_grad_(False)
+        named = dict(models["update_all"].named_parameters())
+        params = {k: p.detach() for k, p in named.items()}
+        grads = {k: p.grad for k, p in named.items()}
+        state = rule.init(params)
+        counter = [0]
+
+        @torch.no_grad()
+        def update_all() -> None:
+            updates, _ = rule.update_(grads, state, params, step=counter[0])
+            for k, u in updates.items():
+                params[k].add_(u)
+            counter[0] += 1
+
+        fns["update_all"] = update_all
+        times = interleaved_times(fns, repeats, warmup)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}
+        rows.append({"threads": n_threads, "median_s": med, "min_s": low, "times_s": times,
+                     "over_adam_median": {k: med[k] / med["adam"] for k in med},
+                     "over_adam_min": {k: low[k] / low["adam"] for k in low}})
+    n = sum(p.numel() for p in make_model(sizes, seed).parameters())
+    state = MLPRule().init({k: p.detach() for k, p in make_model(sizes, seed).named_parameters()})
+    from l2o.tree import state_leaves
+
+    floats = sum(t.numel() for t in state_leaves(state))
+    return {"sizes": sizes, "params": n, "rule": MLPRule().config(), "repeats": repeats, "warmup": warmup,
+            "state_floats_per_param": floats / n, "rows": rows}
+
+
+def print_mlp_rule(result: dict[str, object]) -> None:
+    print(f"\nMLPRule vs Adam/AdamW (foreach), MLP {'-'.join(map(str, result['sizes']))} ({result['params']:,} params), "
+          f"state {result['state_floats_per_param']:.3f} floats/param (Adam: 2), {result['repeats']} interleaved rounds")
+    print(f"{'':22s}" + "".join(f"{name:>20s}" for name in ("adam", "adamw", "learned_optimizer", "update_all")))
+    for row in result["rows"]:
+        for stat in ("median", "min"):
+            cells = "".join(f"{1e3 * row[stat + '_s'][k]:12.1f} ({row['over_adam_' + stat][k]:4.2f}x)"
+                            for k in ("adam", "adamw", "learned_optimizer", "update_all"))
+            print(f"{row['threads']} thread(s), {stat:6s} ms{cells}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -147,7 +228,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--no-profile", action="store_true", help="skip the per-op profile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--mlp-rule", action="store_true", help="also time MLPRule against Adam and AdamW")
+    parser.add_argument("--mlp-sizes", type=int, nargs="+", default=[1000] * 11,
+                        help="MLP widths for the MLPRule timing (default ten 1000 x 1000 layers: 10,010,000 params)")
+    parser.add_argument("--mlp-threads", type=int, nargs="+", default=[1, 2], help="thread counts for the MLPRule timing")
+    parser.add_argument("--no-lstm", action="store_true", help="skip the LSTM measurement")
     args = parser.parse_args(argv)
+    if args.no_lstm:
+        if not args.mlp_rule:
+            parser.error("--no-lstm leaves nothing to measure without --mlp-rule")
+        result: dict[str, object] = {"benchmark": "speed_step"}
+        result["mlp_rule"] = measure_mlp_rule(args.mlp_sizes, args.mlp_threads, args.repeats, args.warmup, args.seed)
+        print_mlp_rule(result["mlp_rule"])
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return result
 
     torch.set_num_threads(args.threads)
     model = make_model(args.sizes, args.seed)
@@ -234,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print("where the learned step's time goes (self CPU time per step):")
         for row in top_ops:
             print(f"  {row['op']:38s}{row['self_ms_per_step']:10.2f} ms  {100 * row['share']:5.1f}%  ({row['calls']} calls)")
+    if args.mlp_rule:
+        result["mlp_rule"] = measure_mlp_rule(args.mlp_sizes, args.mlp_threads, args.repeats, args.warmup, args.seed)
+        print_mlp_rule(result["mlp_rule"])
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -450,9 +450,10 @@ class MLPRule(Rule):
         dtype = self._dtype()
         for tree in (*state.momentum, state.second_moment, state.row, state.col):
             for k, t in tree.items():
-                if t.dtype != dtype:
-                    raise ValueError(f"MLPRule.update_: state tensors must be {dtype} (the rule's dtype), got {t.dtype} "
-                                     f"for params[{k!r}]; convert the state (or use update)")
+                if t.dtype != dtype or not t.is_contiguous():
+                    raise ValueError(f"MLPRule.update_: state tensors must be contiguous {dtype} tensors (the rule's "
+                                     f"dtype, as init makes them), got a {'' if t.is_contiguous() else 'non-contiguous '}"
+                                     f"{t.dtype} one for params[{k!r}]; convert the state (or use update)")
         if not params:
             return {}, state
         consts = self._consts(step)
