@@ -17,8 +17,9 @@ component               tasks
 ======================  ========================================================================
 
 Every image model's initial weights are its module's own initialisation times a log-uniform
-scale in [0.5, 2]. Data: the first 50,000 MNIST training images (minibatches; the held-out
-``meta`` split is 1000 of the other 10,000 training images) and the Omniglot characters of the
+scale in [0.5, 2]. Every task has held-out data, which its ``meta`` split samples minibatches of
+(so a meta-loss can reward what generalises). Data: the first 50,000 MNIST training images
+(minibatches; the held-out set is 1000 of the other 10,000 training images) and the Omniglot characters of the
 meta-training split (:func:`optimizees.omniglot.split_characters`, ``"train"``). No test image
 (MNIST's test set, Omniglot's held-out characters) is in any task.
 """
@@ -50,6 +51,8 @@ COMPONENTS: dict[str, float] = {"mnist-mlp": 3.0, "mnist-conv": 2.0, "omniglot-c
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                                                     "sigmoid": nn.Sigmoid, "elu": nn.ELU}
 _INIT_SCALE = (0.5, 2.0)
+#: Held-out examples per ``meta`` minibatch.
+META_BATCH = 128
 _HELD_OUT_IMAGES = 1000
 
 
@@ -87,7 +90,9 @@ def random_convnet(classes: int, generator: torch.Generator) -> nn.Module:
 
 
 class _ImageBatches:
-    """Minibatches of ``batch_size`` from ``(x, y)``, and a fixed held-out set for ``meta``."""
+    """Minibatches of ``batch_size`` from ``(x, y)`` for ``train``, and for ``meta`` minibatches of
+    at most :data:`META_BATCH` from the held-out set ``held_out`` (what a meta-loss on held-out
+    data reads at every inner step; ``held_out`` is the whole set, for evaluations)."""
 
     def __init__(self, x: Tensor, y: Tensor, held_out: tuple[Tensor, Tensor], batch_size: int) -> None:
         self.x, self.y, self.held_out, self.batch_size = x, y, held_out, batch_size
@@ -97,7 +102,11 @@ class _ImageBatches:
             idx = torch.randint(len(self.x), (self.batch_size,), generator=generator)
             return self.x[idx], self.y[idx]
         if split == META:
-            return self.held_out
+            n = len(self.held_out[0])
+            if n <= META_BATCH:
+                return self.held_out
+            idx = torch.randint(n, (META_BATCH,), generator=generator)
+            return self.held_out[0][idx], self.held_out[1][idx]
         raise ValueError(f"split must be {TRAIN!r} or {META!r}, got {split!r}")
 
 

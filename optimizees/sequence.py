@@ -10,7 +10,8 @@ cross-entropy
 
 The GRU is written with ``nn.Linear`` layers (so ``torch.func.functional_call`` swaps its params
 like any module's). Training batches are fresh sequences from the task's chain; the
-:data:`~l2o.tasks.META` split is a fixed held-out set of 256 sequences drawn once per task.
+:data:`~l2o.tasks.META` split draws minibatches from a held-out set of 256 sequences drawn once per
+task (``task.batch_fn.held_out``).
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class _ChainBatches:
         if split == TRAIN:
             tokens = self.chain.sample(self.batch_size, self.length, generator)
             return tokens, tokens
-        if split == META:
-            return self.held_out
+        if split == META:  # a minibatch of the held-out set
+            idx = torch.randint(len(self.held_out[0]), (self.batch_size,), generator=generator)
+            return self.held_out[0][idx], self.held_out[1][idx]
         raise ValueError(f"split must be {TRAIN!r} or {META!r}, got {split!r}")
 
 

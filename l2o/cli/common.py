@@ -96,7 +96,8 @@ RUN_DEFAULTS = {
     "mnist": {"rule": "lstm", "horizon": 100, "truncation": 20},
     "generalist": {"rule": "mlp", "horizon": 400, "truncation": 25, "horizon_schedule": "log_uniform",
                    "min_horizon": 50, "objective": "log_loss", "tasks_per_step": 4, "epochs": 600,
-                   "meta_lr": 3e-3, "meta_lr_final": 3e-4, "validate_every": 50, "num_val_tasks": 8},
+                   "meta_lr": 1e-3, "meta_lr_final": 1e-4, "validate_every": 50, "num_val_tasks": 8,
+                   "val_horizon": 1000, "meta_split": "meta"},
 }
 
 

@@ -52,6 +52,11 @@ def add_meta_train_parser(sub: Any) -> None:
                     help="the standard deviation of the ES/PES perturbations of the meta-params (default 0.01)")
     mt.add_argument("--num-val-tasks", type=positive_int, default=None,
                     help="held-out validation tasks (default 2; generalist 8)")
+    mt.add_argument("--val-horizon", type=positive_int, default=None,
+                    help="inner steps of a validation run (default: --horizon; generalist 1000)")
+    mt.add_argument("--meta-split", default=None, choices=["train", "meta"],
+                    help="what the meta-loss reads: the training batches (train, the paper's; default) or the "
+                         "task's held-out data (meta; generalist default), rewarding what generalises")
     mt.add_argument("--meta-lr", type=positive_float, default=None, help="initial Adam meta learning rate (default 1e-2)")
     mt.add_argument("--meta-lr-final", type=positive_float, default=None, help="final meta lr of the cosine decay (default 1e-4)")
     mt.add_argument("--validate-every", type=positive_int, default=None, help="epochs between validations (default 50)")
@@ -154,7 +159,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         family = family_from_args(args)
         config = MetaTrainConfig(seed=args.seed)
         for field in ("epochs", "horizon", "truncation", "horizon_schedule", "min_horizon", "estimator", "es_std",
-                      "meta_lr", "meta_lr_final", "validate_every", "num_val_tasks", "objective"):
+                      "meta_lr", "meta_lr_final", "validate_every", "num_val_tasks", "val_horizon", "meta_split",
+                      "objective"):
             value = getattr(args, field)
             value = defaults.get(field) if value is None else value
             if value is not None:

@@ -48,6 +48,8 @@ class MetaTrainConfig:
         max_grad_norm: global-norm clipping of the meta-gradient (``None``: off).
         validate_every: epochs between validations (0: never; the last weights are returned).
         num_val_tasks: held-out tasks drawn once for validation.
+        val_horizon: inner steps of a validation run (default ``horizon``); longer than the
+            training horizons, it keeps the weights that hold up on longer runs.
         seed: seeds task sampling, perturbations and the validation tasks.
         second_order: differentiate through the task gradients (the paper does not; ``tbptt``
             only).
@@ -58,8 +60,10 @@ class MetaTrainConfig:
             weight, more of it on late steps), or ``"final"`` (1 on the horizon's last step only:
             MAML). Validation weighs the steps the same way.
         meta_split: where the meta-loss reads the losses, ``"train"`` (the batches the rule
-            trains on, the paper) or ``"meta"`` (the task's separate split, MAML's query set).
-            Validation reads the same split.
+            trains on, the paper) or ``"meta"`` (the task's separate split: MAML's query set, or
+            held-out data, so that the rule is rewarded for what generalises, not for
+            memorising). Validation reads the same split: with ``"meta"`` it is the loss of the
+            final params on the meta split.
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
         tasks_per_step: the meta-batch: tasks optimised in lockstep whose meta-gradients are
             averaged into each meta-step (default 1, the paper; the ES/PES particles, one
@@ -78,6 +82,7 @@ class MetaTrainConfig:
     max_grad_norm: float | None = 1.0
     validate_every: int = 50
     num_val_tasks: int = 2
+    val_horizon: int | None = None
     seed: int = 0
     second_order: bool = False
     objective: str = "loss"
@@ -90,6 +95,8 @@ class MetaTrainConfig:
         """Raise ``ValueError`` naming the first bad field."""
         for name in ("epochs", "horizon", "truncation", "num_val_tasks", "max_consecutive_skips", "tasks_per_step"):
             check_positive_int(name, getattr(self, name))
+        if self.val_horizon is not None:
+            check_positive_int("val_horizon", self.val_horizon)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.step_weights not in STEP_WEIGHTS:

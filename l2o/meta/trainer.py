@@ -62,7 +62,7 @@ import torch
 from ..checkpoints import load_training_state, save_training_state
 from ..rules.base import Rule
 from ..validation import check_positive_int
-from ..tasks import TaskFamily
+from ..tasks import META, TaskFamily
 from ..unroll import init_inner
 from .config import STEP_WEIGHTS, MetaTrainConfig
 from .distributed import Distributed, all_reduce_meta_gradients, end_distributed_process, to_cpu
@@ -325,13 +325,14 @@ class _Run:
     def validate(self) -> float:
         """The validation loss of the current meta-params (over the ranks' shares when distributed)."""
         config = self.config
-        final_split = config.meta_split if config.step_weights == "final" else None
-        weights = step_weights(config, config.horizon, 0, config.horizon)
+        horizon = config.horizon if config.val_horizon is None else config.val_horizon
+        final_split = config.meta_split if config.step_weights == "final" or config.meta_split == META else None
+        weights = None if final_split is not None else step_weights(config, horizon, 0, horizon)
         if self.dist.active:
-            return distributed_validation(self.dist, self.rule, self.val_tasks, config.horizon, config.seed + 7,
+            return distributed_validation(self.dist, self.rule, self.val_tasks, horizon, config.seed + 7,
                                           num_tasks=config.num_val_tasks, init=self.init, final_split=final_split,
                                           weights=weights)
-        return validation_loss(self.rule, [t for _, t in self.val_tasks], config.horizon, config.seed + 7,
+        return validation_loss(self.rule, [t for _, t in self.val_tasks], horizon, config.seed + 7,
                                init=self.init, final_split=final_split, weights=weights)
 
     # ------------------------------------------------------------------------------ checkpoint
