@@ -397,7 +397,8 @@ def test_meta_train_generalist_writes_an_mlp_rule(tmp_path, capsys, shared_data_
     out = tmp_path / "g.pt"
     code = main(["meta-train", "--task", "generalist", "--data", str(shared_data_dir), "--out", str(out),
                  "--epochs", "2", "--horizon", "12", "--min-horizon", "6", "--truncation", "6",
-                 "--validate-every", "2", "--num-val-tasks", "2", "--tasks-per-step", "2", "--no-progress"])
+                 "--validate-every", "2", "--num-val-tasks", "2", "--val-horizon", "12", "--tasks-per-step", "2",
+                 "--no-progress"])
     assert code == 0
     rule = load_rule(out)
     assert isinstance(rule, l2o.MLPRule)
