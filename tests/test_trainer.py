@@ -23,6 +23,7 @@ def _f64_family(**kw):
     ("horizon", 0, "horizon"), ("truncation", -3, "truncation"), ("epochs", 0, "epochs"),
     ("truncation", 200, "truncation .* longer than the horizon"), ("meta_lr", 0.0, "meta_lr"),
     ("meta_lr", float("nan"), "meta_lr"), ("max_grad_norm", -1.0, "max_grad_norm"), ("validate_every", -1, "validate_every"),
+    ("tell_total_steps", 1.5, "tell_total_steps"), ("tell_total_steps", -0.1, "tell_total_steps"),
 ])
 def test_bad_config_is_named(field, value, match):
     config = MetaTrainConfig()
@@ -34,6 +35,43 @@ def test_bad_config_is_named(field, value, match):
 def test_rule_without_parameters_is_refused():
     with pytest.raises(ValueError, match="no trainable parameters"):
         meta_train(Adam(), QuadraticFamily(), MetaTrainConfig(epochs=1), progress=False)
+
+
+def test_tell_total_steps_needs_a_rule_with_total_steps():
+    with pytest.raises(ValueError, match="total_steps attribute"):
+        meta_train(LSTMRule(), QuadraticFamily(), MetaTrainConfig(epochs=1, tell_total_steps=0.5), progress=False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_tell_total_steps_tells_the_rule_each_rounds_horizon(monkeypatch, p):
+    """With probability p a round's truncations run with the rule's total_steps = the round's
+    horizon, else None; the user's own total_steps is back on the rule afterwards."""
+    from l2o import MLPRule
+    from l2o.meta.schedules import epoch_horizon, told_total_steps
+
+    rule = MLPRule(instance_dims=1, total_steps=7)
+    seen: list[tuple[int, int | None]] = []
+    original = MLPRule.update
+
+    def spy(self, grads, state, params, *, step, **kw):
+        seen.append((int(step), self.total_steps))
+        return original(self, grads, state, params, step=step, **kw)
+
+    monkeypatch.setattr(MLPRule, "update", spy)
+    config = MetaTrainConfig(epochs=12, horizon=30, truncation=10, horizon_schedule="log_uniform", min_horizon=10,
+                             tell_total_steps=p, validate_every=0)
+    meta_train(rule, QuadraticFamily(dim=3, num_functions=4), config, progress=False)
+    assert rule.total_steps == 7
+    told = [told_total_steps(config, e) for e in range(config.epochs)]
+    expected: list[int | None] = []
+    for epoch, t in enumerate(told):
+        h = epoch_horizon(config, epoch)
+        expected += [h if t else (7 if p == 0 else None)] * h
+    assert [total for _, total in seen] == expected
+    if p == 0.5:
+        assert 0 < sum(told) < len(told)
+    else:
+        assert sum(told) == (len(told) if p == 1 else 0)
 
 
 def _golden_run():

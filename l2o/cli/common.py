@@ -97,7 +97,8 @@ RUN_DEFAULTS = {
     "generalist": {"rule": "mlp", "horizon": 400, "truncation": 25, "horizon_schedule": "log_uniform",
                    "min_horizon": 50, "objective": "log_loss", "tasks_per_step": 4, "epochs": 600,
                    "meta_lr": 1e-3, "meta_lr_final": 1e-4, "validate_every": 50, "num_val_tasks": 8,
-                   "val_horizon": 1000, "meta_split": "meta"},
+                   "val_horizon": 1000, "meta_split": "meta",
+                   "tell_total_steps": 0.5},
 }
 
 
@@ -138,6 +139,10 @@ def positive_float(text: str) -> float:
 
 def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def probability(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
 
 def float_pair(text: str) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from typing import Any
 from .common import (COMPARE_DEFAULTS, META_TRAIN_DEFAULTS, RULE_DEFAULTS, RUN_DEFAULTS, UsageError, add_device_arg,
                      add_distributed_args,
                      add_task_args, checking_arguments, compact_history, family_from_args, float_pair, format_table,
-                     mnist_family, nonnegative_float, on_device, plot_path, positive_float, positive_int, prepare_run,
+                     mnist_family, nonnegative_float, on_device, plot_path, positive_float, positive_int, prepare_run, probability,
                      resolve_device, RuleProgress, save_figure, say, tasks_per_step, write_outputs)
 
 __all__ = ["add_meta_train_parser", "add_compare_parser", "cmd_meta_train", "cmd_compare", "plot_report"]
@@ -57,6 +57,10 @@ def add_meta_train_parser(sub: Any) -> None:
     mt.add_argument("--meta-split", default=None, choices=["train", "meta"],
                     help="what the meta-loss reads: the training batches (train, the paper's; default) or the "
                          "task's held-out data (meta; generalist default), rewarding what generalises")
+    mt.add_argument("--tell-total-steps", type=probability, default=None, metavar="P",
+                    help="the probability that a round's runs tell the rule their length (total_steps), so a rule "
+                         "with training-progress inputs (mlp) learns to use it and to do without (default 0; "
+                         "generalist 0.5)")
     mt.add_argument("--meta-lr", type=positive_float, default=None, help="initial Adam meta learning rate (default 1e-2)")
     mt.add_argument("--meta-lr-final", type=positive_float, default=None, help="final meta lr of the cosine decay (default 1e-4)")
     mt.add_argument("--validate-every", type=positive_int, default=None, help="epochs between validations (default 50)")
@@ -160,7 +164,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         config = MetaTrainConfig(seed=args.seed)
         for field in ("epochs", "horizon", "truncation", "horizon_schedule", "min_horizon", "estimator", "es_std",
                       "meta_lr", "meta_lr_final", "validate_every", "num_val_tasks", "val_horizon", "meta_split",
-                      "objective"):
+                      "objective", "tell_total_steps"):
             value = getattr(args, field)
             value = defaults.get(field) if value is None else value
             if value is not None:

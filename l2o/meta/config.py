@@ -50,6 +50,12 @@ class MetaTrainConfig:
         num_val_tasks: held-out tasks drawn once for validation.
         val_horizon: inner steps of a validation run (default ``horizon``); longer than the
             training horizons, it keeps the weights that hold up on longer runs.
+        tell_total_steps: the probability :math:`p` that a round's inner runs are told their
+            length: the rule's ``total_steps`` is set to the round's horizon for its truncations
+            (else ``None``), so a rule with training-progress inputs (:class:`l2o.MLPRule`'s
+            fraction done) learns to use the length when a user gives it and to work without it.
+            0 (default) leaves the rule's ``total_steps`` alone; needs a rule with a
+            ``total_steps`` attribute when above 0.
         seed: seeds task sampling, perturbations and the validation tasks.
         second_order: differentiate through the task gradients (the paper does not; ``tbptt``
             only).
@@ -83,6 +89,7 @@ class MetaTrainConfig:
     validate_every: int = 50
     num_val_tasks: int = 2
     val_horizon: int | None = None
+    tell_total_steps: float = 0.0
     seed: int = 0
     second_order: bool = False
     objective: str = "loss"
@@ -97,6 +104,8 @@ class MetaTrainConfig:
             check_positive_int(name, getattr(self, name))
         if self.val_horizon is not None:
             check_positive_int("val_horizon", self.val_horizon)
+        if not (is_number(self.tell_total_steps) and 0.0 <= self.tell_total_steps <= 1.0):
+            raise ValueError(f"tell_total_steps must be a probability in [0, 1], got {self.tell_total_steps!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.step_weights not in STEP_WEIGHTS:

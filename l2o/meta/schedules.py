@@ -44,6 +44,15 @@ def epoch_horizon(config: MetaTrainConfig, epoch: int) -> int:
     return max(low, min(config.horizon, int(value)))
 
 
+def told_total_steps(config: MetaTrainConfig, epoch: int) -> bool:
+    """Whether round ``epoch``'s inner runs are told their length (probability
+    ``config.tell_total_steps``, from a generator seeded by ``(seed, epoch)``)."""
+    if config.tell_total_steps <= 0:
+        return False
+    u = float(torch.rand((), generator=_seeded("told", config.seed, epoch), dtype=torch.float64))
+    return u < config.tell_total_steps
+
+
 def num_segments(config: MetaTrainConfig, horizon: int) -> int:
     """Truncations (meta-steps) in a horizon."""
     return math.ceil(horizon / config.truncation)

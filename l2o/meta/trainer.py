@@ -68,7 +68,8 @@ from .config import STEP_WEIGHTS, MetaTrainConfig
 from .distributed import Distributed, all_reduce_meta_gradients, end_distributed_process, to_cpu
 from .estimators import ESTIMATOR_CLASSES, Estimator, SegmentContext
 from .result import MetaTrainingError, MetaTrainResult
-from .schedules import epoch_horizon, meta_lr_at, num_segments, segment_steps, step_weights, task_generator
+from .schedules import (epoch_horizon, meta_lr_at, num_segments, segment_steps, step_weights, task_generator,
+                        told_total_steps)
 from .slots import TaskSlot
 from .training_state import TRAINER, TrainingState, run_setup
 from .validation import distributed_validation, start_params, validation_loss
@@ -192,6 +193,10 @@ class _Run:
         self.meta_params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         if not self.meta_params:
             raise ValueError(f"{type(rule).__name__} has no trainable parameters to meta-train (and no init was given)")
+        if config.tell_total_steps > 0 and not hasattr(rule, "total_steps"):
+            raise ValueError(f"config.tell_total_steps={config.tell_total_steps} tells the rule each run's length "
+                             f"through its total_steps attribute, which {type(rule).__name__} has not (l2o.MLPRule "
+                             "has); set tell_total_steps=0")
         self.config, self.rule, self.family, self.init, self.callback = config, rule, family, init, callback
         self.dist = Distributed(distributed)
         self.own = self.dist.share(config.tasks_per_step)  # this rank's tasks within each meta-batch
@@ -265,7 +270,16 @@ class _Run:
             group["lr"] = meta_lr_at(config, self._progress(state))
         self.dist.step = state.meta_step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        segment = self.estimator.segment(self.context, state.tasks, steps, step_weights(config, horizon, done, steps))
+        weights = step_weights(config, horizon, done, steps)
+        if config.tell_total_steps > 0:
+            told = horizon if told_total_steps(config, state.epoch) else None
+            kept, self.rule.total_steps = self.rule.total_steps, told
+            try:
+                segment = self.estimator.segment(self.context, state.tasks, steps, weights)
+            finally:
+                self.rule.total_steps = kept
+        else:
+            segment = self.estimator.segment(self.context, state.tasks, steps, weights)
         bad, loss_sum = not segment.finite, segment.loss_sum
         if self.dist.active:
             bad, loss_sum = all_reduce_meta_gradients(self.dist, self.meta_params, bad, loss_sum)
