@@ -10,8 +10,10 @@ For every task, in one process, back to back:
 2. for each reported seed: ``torch.optim.Adam(lr=1e-3)`` (what users type), the tuned AdamW and
    SGD-momentum, every shipped rule (``l2o.list_pretrained()``) as
    ``l2o.LearnedOptimizer(params, pretrained=NAME)`` at its default lr, and every ``--rule`` (a
-   shipped name or a checkpoint path). A seed fixes the model's initialisation, the dropout masks
-   and the minibatch order, identically for every optimizer.
+   shipped name or a checkpoint path); a rule with training-progress inputs (``l2o.MLPRule``) runs
+   twice, as is and told the run's length (``NAME+total_steps``: ``total_steps=<steps>``). A seed
+   fixes the model's initialisation, the dropout masks and the minibatch order, identically for
+   every optimizer.
 
 Reported per task and optimizer (mean ± std over seeds): the final loss on the test split (held out:
 no optimizer ever trained on it), the final training loss (on a fixed subset of the training data,
@@ -87,6 +89,7 @@ class Contender:
     make: OptimizerFactory
     lr: float | None  # None: the learned rule's default
     source: str  # how it is built, in words
+    with_steps: Callable[[int], OptimizerFactory] | None = None  # told the run's length (replaces make)
 
 
 # -- one run --------------------------------------------------------------------------------------------------------
@@ -194,16 +197,21 @@ def learned_optimizers(extra: list[str], shipped: bool) -> list[Contender]:
             continue
         seen.add(spec)
         if spec in names:
-            out.append(Contender(spec, "learned", lambda ps, n=spec: l2o.LearnedOptimizer(ps, pretrained=n), None,
-                                 f"l2o.LearnedOptimizer(params, pretrained={spec!r})"))
+            source, kw = f"pretrained={spec!r}", {"pretrained": spec}
+            rule = l2o.load_pretrained(spec)
         elif Path(spec).is_file():
             path = str(Path(spec).resolve())
-            l2o.load_rule(path)  # fail now (CheckpointError) rather than in the middle of the suite
-            out.append(Contender(spec, "learned", lambda ps, p=path: l2o.LearnedOptimizer(ps, checkpoint=p), None,
-                                 f"l2o.LearnedOptimizer(params, checkpoint={path!r})"))
+            source, kw = f"checkpoint={path!r}", {"checkpoint": path}
+            rule = l2o.load_rule(path)  # fail now (CheckpointError) rather than in the middle of the suite
         else:
             raise UsageError(f"--rule {spec}: neither a shipped rule ({', '.join(names) or 'none shipped'}) nor an "
                              "existing checkpoint file")
+        out.append(Contender(spec, "learned", lambda ps, kw=kw: l2o.LearnedOptimizer(ps, **kw), None,
+                             f"l2o.LearnedOptimizer(params, {source})"))
+        if hasattr(rule, "total_steps"):  # a rule with training-progress inputs: also told the run's length
+            out.append(Contender(f"{spec}+total_steps", "learned", lambda ps: None, None,
+                                 f"l2o.LearnedOptimizer(params, {source}, total_steps=<the run's steps>)",
+                                 with_steps=lambda n, kw=kw: lambda ps: l2o.LearnedOptimizer(ps, total_steps=n, **kw)))
     return out
 
 
@@ -429,7 +437,8 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         results = {o.name: {"kind": o.kind, "lr": o.lr, "source": o.source, "runs": []} for o in opts}
         for seed in args.seeds:
             for o in opts:  # back to back, Adam first: the times of one seed are measured together
-                run = train(task, splits, o.make, seed, steps, factor=factor,
+                make = o.make if o.with_steps is None else o.with_steps(steps)
+                run = train(task, splits, make, seed, steps, factor=factor,
                             eval_points=FAST_EVAL_POINTS if args.fast else EVAL_POINTS)
                 results[o.name]["runs"].append(run)
                 log(f"  seed {seed} {o.name}: held-out {run['final_loss']:.4g}, train {_fmt(run['train_loss'])}, "

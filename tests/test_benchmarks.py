@@ -171,6 +171,10 @@ def test_generalist_suite_fast(tmp_path, request):
     assert report["config"]["tuning_seed"] not in report["config"]["seeds"]
     shipped = [e["name"] for e in l2o.list_pretrained()]
     assert report["config"]["rules"] == shipped
+    # a rule with training-progress inputs (the generalist MLP rule) runs twice, the second told the length
+    progress = [n for n in shipped if hasattr(l2o.load_pretrained(n), "total_steps")]
+    contenders = [c for n in shipped for c in ([n, f"{n}+total_steps"] if n in progress else [n])]
+    lstm = [n for n in shipped if n not in progress]
     assert list(report["tasks"]) == list(generalist.TASKS)
     assert len(report["tasks"]) >= 6
     ran = {name: t for name, t in report["tasks"].items() if not t["skipped"]}
@@ -187,10 +191,10 @@ def test_generalist_suite_fast(tmp_path, request):
         for tuning in task["tuning"].values():
             assert len(tuning["grid"]) == len(tuning["val_loss"]) == 2 and tuning["best_lr"] in tuning["grid"]
         opts = task["optimizers"]
-        assert list(opts) == [*BASELINES, *shipped]
+        assert list(opts) == [*BASELINES, *contenders]
         assert opts["adamw-tuned"]["lr"] == task["tuning"]["adamw"]["best_lr"]
         assert opts["sgdm-tuned"]["lr"] == task["tuning"]["sgdm"]["best_lr"]
-        assert opts["adam-1e-3"]["lr"] == 1e-3 and all(opts[r]["lr"] is None for r in shipped)
+        assert opts["adam-1e-3"]["lr"] == 1e-3 and all(opts[r]["lr"] is None for r in contenders)
         for opt, res in opts.items():
             (run,) = res["runs"]
             assert run["seed"] == 0 and run["params"] == task["params"]
@@ -209,10 +213,13 @@ def test_generalist_suite_fast(tmp_path, request):
         assert adam["vs_adam"] == 1.0 and adam["step_time_vs_adam"] == 1.0 and adam["run_time_vs_adam"] == 1.0
         assert opts["adamw-tuned"]["summary"]["vs_adamw_tuned"] == 1.0
         # bytes of every tensor in opt.state per parameter: Adam 2 floats (+ a step tensor per parameter
-        # tensor), SGD-momentum 1 float, the 2x20 LSTM rules at least 80 floats
+        # tensor), SGD-momentum 1 float, the 2x20 LSTM rules at least 80 floats, the MLP rule 4 floats plus
+        # its factored row and column vectors
         assert 8.0 < opts["adam-1e-3"]["summary"]["state_bytes_per_param"] < 8.01
         assert opts["sgdm-tuned"]["summary"]["state_bytes_per_param"] == 4.0
-        assert all(opts[r]["summary"]["state_bytes_per_param"] >= 320 for r in shipped)
+        assert all(opts[r]["summary"]["state_bytes_per_param"] >= 320 for r in lstm)
+        assert all(16.0 < opts[c]["summary"]["state_bytes_per_param"] < 17.0 for c in contenders
+                   if c.split("+")[0] in progress)
         assert Path(task["figure"]).read_bytes()[:4] == b"\x89PNG"
         assert f"### {name}:" in proc.stdout
     assert "| mnist-paper |" in proc.stdout and "held-out loss / tuned AdamW's" in proc.stdout
