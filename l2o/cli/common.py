@@ -89,8 +89,8 @@ META_TRAIN_DEFAULTS = {"quadratic": {"second_order": True},
                        "generalist": {"second_order": False}}
 
 #: ``l2o meta-train``'s defaults by task for what the command line leaves out: the rule and the
-#: run's schedule (the generalist: the recipe of the shipped ``"generalist"`` rule, see
-#: ``l2o/pretrained/index.json``).
+#: run's schedule (the generalist: an MLPRule's recipe on the mixture, see
+#: ``docs/meta-training.md``).
 RUN_DEFAULTS = {
     "quadratic": {"rule": "lstm", "horizon": 100, "truncation": 20},
     "mnist": {"rule": "lstm", "horizon": 100, "truncation": 20},
@@ -156,7 +156,7 @@ def float_pair(text: str) -> tuple[float, float]:
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task family: quadratic, mnist, or (meta-train only) generalist, "
-                                                 "the mixture of small models the shipped generalist rule learns on")
+                                                 "the mixture of small models a generalist rule is meta-trained on")
     p.add_argument("--dim", type=positive_int, default=10, help="quadratic: dimension d (default 10)")
     p.add_argument("--num-functions", type=positive_int, default=128,
                    help="quadratic: functions batched in one task (default 128)")
