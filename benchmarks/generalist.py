@@ -25,8 +25,8 @@ non-finite loss or parameter, or a training-loss window mean, or the final held-
 Output: one JSON file, a markdown table (printed, and ``--markdown PATH``), one PNG of loss curves
 per task in ``--out-dir``.
 
-    python benchmarks/generalist.py                                     # the full suite, ~95 min (GENERALIST.md)
-    python benchmarks/generalist.py --rule generalist --rule runs/mine.pt   # plus further rules
+    python benchmarks/generalist.py                                     # the full suite, ~95 min (benchmarks/README.md)
+    python benchmarks/generalist.py --rule runs/generalist.pt --rule runs/mine.pt  # plus further rules
     python benchmarks/generalist.py --tasks char-gpt --seeds 0 --steps 300  # one task, shortened
     python benchmarks/generalist.py --fast                              # a smoke test in seconds
 
