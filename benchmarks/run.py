@@ -188,7 +188,7 @@ class Runner:
                          f"{', '.join(map(str, candidates))} (give --data DIR or set L2O_DATA)")
 
 
-# -- helpers shared by the suites ---------------------------------------------------------------------------------
+# -- functions shared by the suites ---------------------------------------------------------------------------------
 
 def _compare_metrics(report: dict[str, Any]) -> dict[str, Any]:
     adam = report["results"].get("adam", {}).get("final_loss_mean")

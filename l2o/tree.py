@@ -1,7 +1,7 @@
-"""Helpers for params, grads, updates and states stored as ``dict[str, Tensor]``.
+"""Functions for params, grads, updates and states stored as ``dict[str, Tensor]``.
 
 Optimizee parameters are plain dictionaries keyed like ``module.named_parameters()``. Every
-helper here is out-of-place and differentiable: nothing mutates its inputs, so the unroll engine
+function here is out-of-place and differentiable: nothing mutates its inputs, so the unroll engine
 can differentiate through any of them.
 """
 
@@ -76,7 +76,7 @@ def split_like(flat: Tensor, tree: Mapping[str, Tensor]) -> Params:
 
 
 # Rule states are nested NamedTuples, tuples, lists and dicts with tensors (or other values) as
-# leaves. These three helpers walk that structure in one fixed order.
+# leaves. These three functions walk that structure in one fixed order.
 
 
 def is_namedtuple(x: Any) -> bool:

@@ -27,7 +27,7 @@ import l2o.pretrained as pretrained_mod
 from l2o.checkpoints import CheckpointError, save_rule
 from l2o.rules.lstm import LSTMRule
 
-# ---------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------- utilities
 
 
 def small_lstm(seed: int = 0, **kwargs) -> LSTMRule:

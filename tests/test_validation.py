@@ -1,5 +1,5 @@
 """Tests for l2o.validation (the argument checks rules, tasks and trainers share) and for the import
-direction it serves: task families use l2o's protocols and helpers, never a trainer."""
+direction it serves: task families use l2o's protocols and utilities, never a trainer."""
 
 from __future__ import annotations
 
