@@ -95,7 +95,7 @@ RUN_DEFAULTS = {
     "quadratic": {"rule": "lstm", "horizon": 100, "truncation": 20},
     "mnist": {"rule": "lstm", "horizon": 100, "truncation": 20},
     "generalist": {"rule": "mlp", "horizon": 400, "truncation": 25, "horizon_schedule": "log_uniform",
-                   "min_horizon": 50, "objective": "log_loss", "tasks_per_step": 4, "epochs": 600,
+                   "min_horizon": 50, "objective": "log_loss", "tasks_per_step": 4, "epochs": 400,
                    "meta_lr": 1e-3, "meta_lr_final": 1e-4, "validate_every": 50, "num_val_tasks": 8,
                    "val_horizon": 1000, "meta_split": "meta",
                    "tell_total_steps": 0.5},

@@ -34,7 +34,7 @@ def add_meta_train_parser(sub: Any) -> None:
                     help="the learned rule: lstm (the coordinate-wise LSTM; quadratic and mnist default) or mlp "
                          "(l2o.MLPRule, 4 floats of state per parameter; generalist default)")
     mt.add_argument("--epochs", type=positive_int, default=None,
-                    help="rounds of tasks to train on (default 1000; generalist 600)")
+                    help="rounds of tasks to train on (default 1000; generalist 400)")
     mt.add_argument("--horizon", type=positive_int, default=None,
                     help="inner steps per task, the longest with --horizon-schedule log_uniform (default 100; "
                          "generalist 400)")
