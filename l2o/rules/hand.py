@@ -203,8 +203,9 @@ class SGD(Rule):
                         loss: Tensor | None = None) -> tuple[Params, SGDState]:
         r"""Without momentum and weight decay, :math:`\theta - \gamma g` as one
         ``torch.add(θ, g, alpha=-lr)`` per tensor (``torch.optim.SGD``'s arithmetic); otherwise
-        :meth:`update_unchecked` and ``apply_updates``."""
-        if self.momentum == 0.0 and self.weight_decay == 0.0:
+        :meth:`update_unchecked` and ``apply_updates`` (also for a subclass with its own
+        ``update_unchecked``)."""
+        if self.momentum == 0.0 and self.weight_decay == 0.0 and type(self).update_unchecked is SGD.update_unchecked:
             return {k: torch.add(p, grads[k].to(p.dtype), alpha=-self.lr) for k, p in params.items()}, SGDState({})
         return super().apply_unchecked(grads, state, params, step=step, loss=loss)
 

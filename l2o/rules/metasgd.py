@@ -142,7 +142,10 @@ class MetaSGD(Rule):
 
     def apply_unchecked(self, grads: Params, state: MetaSGDState, params: Params, *, step: int,
                         loss: Tensor | None = None) -> tuple[Params, MetaSGDState]:
-        r""":math:`\theta - \alpha \odot g` as one ``addcmul`` per tensor."""
+        r""":math:`\theta - \alpha \odot g` as one ``addcmul`` per tensor (a subclass with its own
+        ``update_unchecked``: that and ``apply_updates``)."""
+        if type(self).update_unchecked is not MetaSGD.update_unchecked:
+            return super().apply_unchecked(grads, state, params, step=step, loss=loss)
         return {k: torch.addcmul(params[k], a.to(dtype=grads[k].dtype), grads[k], value=-1.0).to(params[k].dtype)
                 for k, a in zip(self.names, self.alpha)}, state
 
