@@ -373,3 +373,35 @@ def test_inductor_maml_second_order_equals_eager_to_float32_rounding():
     torch.testing.assert_close(values[1][0], values[0][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(values[1][1], values[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_per_task_adaptation_equals_eager():
+    """One task at a time (params are the module's own, unbatched), where inductor once computed
+    wrong SGD steps (``add(..., alpha=)`` of a ``torch.func.grad`` output)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(1)
+    sx, sy, qx, qy = (torch.randn(2, 5, 1, generator=g) for _ in range(4))
+    values = []
+    for compile in (False, CompileOptions(fallback=False)):
+        maml = l2o.MAML(model, inner_lr=0.1, compile=compile)
+        loss = sum(F.mse_loss(maml(maml.adapt(F.mse_loss, sx[b], sy[b]), qx[b]), qy[b]) for b in range(2))
+        values.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(values[1][0], values[0][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(values[1][1], values[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_rules()))
+@pytest.mark.parametrize("case", CASES, ids=["so-meta-final", "so-train-log", "fo-train", "fo-meta-log"])
+def test_inductor_unroll_equals_eager(name, case):
+    second_order, meta_split, weights, objective = case
+    rule = _rules()[name]
+    eager, g_eager, _ = _run(rule, False, second_order=second_order, meta_split=meta_split, weights=weights,
+                             objective=objective)
+    comp, g_comp, _ = _run(rule, CompileOptions(fallback=False), second_order=second_order, meta_split=meta_split,
+                           weights=weights, objective=objective)
+    torch.testing.assert_close(comp.meta_loss, eager.meta_loss, rtol=1e-9, atol=1e-12)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

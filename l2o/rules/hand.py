@@ -206,6 +206,9 @@ class SGD(Rule):
         :meth:`update_unchecked` and ``apply_updates`` (also for a subclass with its own
         ``update_unchecked``)."""
         if self.momentum == 0.0 and self.weight_decay == 0.0 and type(self).update_unchecked is SGD.update_unchecked:
+            if torch.compiler.is_compiling():  # the compiler fuses the two ops (and torch 2.13's inductor
+                # miscomputes add(..., alpha=) of a torch.func.grad output: tests/test_compile.py)
+                return {k: p + grads[k].to(p.dtype) * -self.lr for k, p in params.items()}, SGDState({})
             return {k: torch.add(p, grads[k].to(p.dtype), alpha=-self.lr) for k, p in params.items()}, SGDState({})
         return super().apply_unchecked(grads, state, params, step=step, loss=loss)
 
