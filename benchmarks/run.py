@@ -43,6 +43,9 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 _LAST = object()  # Runner.add's default command: the last one run
 BENCH = REPO / "benchmarks"
+#: ``maml_sine.py --speed --impls`` in fast mode: the eager implementations (the compiled ones take minutes to compile).
+FAST_MAML_IMPLS = "plain,l2o task,l2o batched,l2o per task"
+
 SUITES = ("quadratic", "mnist", "maml-sine", "maml-omniglot", "speed", "generalist")
 #: Seeds of ``l2o compare``'s tuning tasks (its held-out tasks use this + 10000), as in the README tables.
 COMPARE_SEED = 10_000
@@ -371,7 +374,7 @@ def suite_maml_sine(r: Runner) -> str:
     _plot_adaptation(reports, r.figure(r.art / "adaptation.png"), "sine regression: held-out MSE vs adaptation steps")
     js = r.art / "speed.json"
     wall = r.script("maml_sine.py", "--speed", "--json", js, "--threads", r.args.threads,
-                    *(["--repeats", 2, "--warmup", 1] if r.fast else []))
+                    *(["--repeats", 2, "--warmup", 1, "--impls", FAST_MAML_IMPLS] if r.fast else []))
     speed = json.loads(js.read_text())
     rows = []
     for row in speed["rows"]:
@@ -455,7 +458,7 @@ def suite_speed(r: Runner) -> str:
 
     js = r.art / "maml_sine_speed.json"
     wall = r.script("maml_sine.py", "--speed", "--json", js, "--threads", threads,
-                    *(["--repeats", 2, "--warmup", 1] if fast else []))
+                    *(["--repeats", 2, "--warmup", 1, "--impls", FAST_MAML_IMPLS] if fast else []))
     maml = json.loads(js.read_text())
     for row in maml["rows"]:
         r.add(f"maml-sine-iteration-k{row['inner_steps']}", seed=None, wall_s=wall, files=[js],

@@ -39,9 +39,10 @@ from torch.func import functional_call, vmap
 from .adaptation import adaptation_curve, adaptation_params  # MAML evaluations read these (re-exported)
 from .rules.base import Rule
 from .rules.hand import SGD
-from .tasks import support_or_query
+from .tasks import META, TRAIN, support_or_query
 from .tree import Params
-from .unroll import init_inner, unroll
+from .compiling import CompileOptions, compile_options, compiled_function, run_with_fallback
+from .unroll import InnerState, run_unroll
 from .validation import check_bool, check_hyperparameter, check_positive_int
 
 __all__ = ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve", "adaptation_params"]
@@ -182,11 +183,17 @@ class MAML(nn.Module):
         first_order: treat the inner gradients as constants (FOMAML); default second order.
         rule: the inner update rule (default ``SGD(lr=inner_lr)``): ``MetaSGD(model)`` gives
             Meta-SGD, an ``LSTMRule`` a jointly learned init and optimizer.
+        compile: run the verbs through :func:`torch.compile` (``True``, a backend name or a
+            :class:`~l2o.compiling.CompileOptions`): every adaptation is one compiled graph of its
+            ``K`` steps (see :mod:`l2o.compiling`), ``forward_batch`` and :meth:`query_loss_batch`
+            are compiled too. The same numbers as eager up to float rounding; the first call of
+            each configuration compiles (seconds); a failure falls back to eager with a warning.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
-                 rule: Rule | None = None) -> None:
+                 rule: Rule | None = None, compile: bool | str | CompileOptions = False) -> None:
         super().__init__()
+        self.compile_options: CompileOptions | None = compile_options(compile)
         self.inner_lr = check_hyperparameter("inner_lr", inner_lr, low=0.0, low_inclusive=False)
         self.inner_steps = check_positive_int("inner_steps", inner_steps)
         self.first_order = check_bool("first_order", first_order)
@@ -209,7 +216,10 @@ class MAML(nn.Module):
         """A :class:`SupervisedTask` for this model (to drive :func:`l2o.unroll` directly)."""
         return SupervisedTask(self.module, loss_fn, support, query, batched=batched)
 
-    def _adapt(self, task: SupervisedTask, params: Params, steps: int | None, first_order: bool | None) -> Params:
+    def _adapt(self, task: SupervisedTask, params: Params, steps: int | None, first_order: bool | None,
+               query: bool = False) -> Any:
+        """θ_K (or, with ``query``, the mean query loss after adaptation: one engine call whose
+        meta-loss reads the task's query split)."""
         k = self.inner_steps if steps is None else check_positive_int("steps", steps)
         if first_order is not None and not isinstance(first_order, bool):
             raise TypeError(f"first_order must be a bool or None, got {type(first_order).__name__} ({first_order!r})")
@@ -217,10 +227,13 @@ class MAML(nn.Module):
         if not (isinstance(params, dict) and params and all(isinstance(v, Tensor) for v in params.values())):
             raise TypeError(f"params must be a non-empty dict of tensors keyed like the model's named_parameters(), "
                             f"got {type(params).__name__}")
-        gen = torch.Generator()  # the task's data is fixed; the engine's generator draws nothing
-        inner = init_inner(self.rule, task, gen, params=params)
-        result = unroll(self.rule, task, inner, steps=k, generator=gen, weights=[0.0] * k, second_order=not fo)
-        return result.inner.params
+        gen = _NO_DRAWS  # the task's data is fixed; the engine's generator draws nothing
+        inner = InnerState(params=params, rule_state=self.rule.init(params), step=0)
+        weights = (0.0,) * (k - 1) + (1.0 if query else 0.0,)
+        result = run_unroll(self.rule, task, inner, steps=k, generator=gen, weights=weights,
+                            meta_split=META if query else TRAIN, second_order=not fo, objective="loss", tape=False,
+                            options=self.compile_options, record=False, check=False, keep_inner=not query)
+        return result.meta_loss if query else result.inner.params
 
     def adapt(self, loss_fn: LossFn, support_x: Any, support_y: Any, *, params: Params | None = None,
               steps: int | None = None, first_order: bool | None = None) -> Params:
@@ -252,5 +265,45 @@ class MAML(nn.Module):
         return functional_call(self.module, params, (x,))
 
     def forward_batch(self, params: Params, x: Tensor) -> Tensor:
-        """Per-task predictions for params ``(B, *shape)`` and inputs ``(B, N, ...)`` (``vmap``)."""
-        return vmap(lambda p, xb: functional_call(self.module, p, (xb,)), randomness="different")(params, x)
+        """Per-task predictions for params ``(B, *shape)`` and inputs ``(B, N, ...)`` (``vmap``;
+        compiled with ``compile``)."""
+        if self.compile_options is None:
+            return _batched_forward(self.module, params, x)
+        options = self.compile_options
+        fn = compiled_function(_batched_forward, options, (type(self.module),))
+        return run_with_fallback("forward_batch", ("forward_batch", options, type(self.module)), options,
+                                 lambda: fn(self.module, params, x), lambda: _batched_forward(self.module, params, x))
+
+    def query_loss_batch(self, loss_fn: LossFn, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                         query_y: Tensor, *, params: Params | None = None, steps: int | None = None,
+                         first_order: bool | None = None) -> Tensor:
+        r"""MAML's meta-loss on a meta-batch in one call: :math:`rac1B\sum_b
+        	ext{loss\_fn}(h_{	heta_{K,b}}(x^q_b), y^q_b)`, with :math:`	heta_{K,b}` what
+        :meth:`adapt_batch` returns for task ``b``.
+
+        The same number as ``loss_fn`` on :meth:`forward_batch` of :meth:`adapt_batch`'s params,
+        averaged over the tasks (``loss_fn`` is applied per task), from one engine call: with
+        ``compile`` the adaptation and the query loss are one compiled graph (the fastest form of
+        a meta-iteration). Data ``(B, N, ...)``; differentiable in θ0 and the rule's weights.
+        """
+        task = SupervisedTask(self.module, loss_fn, (support_x, support_y), (query_x, query_y), batched=True)
+        start = self.init.expand(_leading_size(support_x)) if params is None else params
+        return self._adapt(task, start, steps, first_order, query=True)
+
+
+def _batched_forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:
+    return vmap(lambda p, xb: functional_call(module, p, (xb,)), randomness="different")(params, x)
+
+
+class _NoDraws:
+    """The generator of a :class:`SupervisedTask`'s unroll: its data is fixed, nothing is drawn
+    (``get_state``/``set_state`` for the compiled engine's fallback)."""
+
+    def get_state(self) -> None:
+        return None
+
+    def set_state(self, state: None) -> None:
+        return None
+
+
+_NO_DRAWS: Any = _NoDraws()

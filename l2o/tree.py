@@ -43,7 +43,7 @@ def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -
         raise ValueError(
             f"updates and params have different keys: params {sorted(params)}, updates {sorted(updates)}"
         )
-    return {k: p + updates[k].to(p.dtype) for k, p in params.items()}
+    return {k: p + (u if (u := updates[k]).dtype == p.dtype else u.to(p.dtype)) for k, p in params.items()}
 
 
 def detach(tree: Mapping[str, Tensor]) -> Params:

@@ -33,7 +33,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .rules.base import Rule, RuleTape
+from .compiling import CompileOptions, compile_options, compiled_unroll, traced_unroll
+from .rules.base import Rule, RuleTape, unchecked_update
 from .validation import check_positive_int
 from .tasks import META, TRAIN, Task
 from .tree import Params, apply_updates, detach, flatten, state_map
@@ -124,7 +125,9 @@ def _closed_form(task: Task) -> Any:
     return None
 
 
-def _all_finite(loss: Tensor, grads: Params | None) -> Tensor:
+def _all_finite(loss: Tensor | None, grads: Params | None) -> Tensor:
+    if loss is None:
+        return torch.ones((), dtype=torch.bool)
     ok = torch.isfinite(loss).all()
     for g in (grads or {}).values():
         ok = ok & torch.isfinite(g).all()
@@ -133,7 +136,8 @@ def _all_finite(loss: Tensor, grads: Params | None) -> Tensor:
 
 def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: torch.Generator,
            weights: Sequence[float] | Tensor | None = None, meta_split: str = TRAIN,
-           second_order: bool = False, objective: str = "loss", tape: bool = False) -> UnrollResult:
+           second_order: bool = False, objective: str = "loss", tape: bool = False,
+           compile: bool | CompileOptions = False) -> UnrollResult:
     """Run ``steps`` inner steps of ``rule`` on ``task`` from ``inner``.
 
     Args:
@@ -155,7 +159,13 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
             through it. The meta-loss and its gradient are the same (up to float rounding),
             computed without a per-step graph; the returned ``inner`` carries no graph, so no
             gradient flows into a later segment through it. Otherwise (second order, params or
-            rule state with a graph, or a rule without a tape) this flag changes nothing.
+            rule state with a graph, or a rule without a tape) this flag changes nothing. Not
+            used with ``compile`` (a tape runs compiled C kernels of its own).
+        compile: run the ``K`` steps and the meta-loss as one function compiled with
+            :func:`torch.compile` (``True``, a backend name, or a
+            :class:`~l2o.compiling.CompileOptions`): the same numbers as eager up to float
+            rounding, the gradients by ``torch.func.grad``; see :mod:`l2o.compiling` (first calls
+            compile; a failure falls back to eager with a warning).
     """
     check_positive_int("steps", steps)
     if objective not in OBJECTIVES:
@@ -163,37 +173,78 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
     if meta_split not in (TRAIN, META):
         raise ValueError(f"meta_split must be {TRAIN!r} or {META!r}, got {meta_split!r}")
     if weights is None:
-        w = [1.0] * steps
+        w = (1.0,) * steps
     else:
-        w = [float(v) for v in weights]
+        w = tuple(float(v) for v in weights)
         if len(w) != steps:
             raise ValueError(f"weights must have one entry per inner step ({steps}), got {len(w)}")
+    options = compile_options(compile)
+    return run_unroll(rule, task, inner, steps=steps, generator=generator, weights=w, meta_split=meta_split,
+                      second_order=second_order, objective=objective, tape=tape, options=options, record=True)
 
+
+def run_unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: torch.Generator,
+               weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, tape: bool,
+               options: CompileOptions | None, record: bool, check: bool = True,
+               keep_inner: bool = True) -> UnrollResult:
+    """:func:`unroll` for checked arguments. ``record=False`` (what :class:`l2o.MAML`'s verbs use:
+    they read only the params) skips the per-step losses, the finiteness check and the last step's
+    training loss when no meta-loss term reads it: ``losses`` is then empty, ``finite`` True.
+    ``check=False`` skips the rule's :meth:`~l2o.rules.base.Rule.check_update` (for a state the
+    caller just made with ``rule.init(params)``); ``keep_inner=False`` (only the meta-loss is read)
+    lets the compiled engine return no final params.
+
+    Called while :func:`torch.compile` traces (a user's compiled function that calls the engine),
+    the unroll is traced as it stands: through :func:`l2o.compiling.functional_unroll`, whose
+    gradients (``torch.func.grad``) the compiler can trace, where ``torch.autograd.grad`` could not.
+    """
+    validate, rule_step = unchecked_update(rule)
+    if check:
+        validate(inner.params, inner.rule_state, inner.params, step=inner.step)  # once: grads are shaped like params
+    if torch.compiler.is_compiling():
+        return traced_unroll(task, inner, rule_step, steps=steps, generator=generator, weights=weights,
+                             meta_split=meta_split, second_order=second_order, objective=objective, record=record)
+    if options is not None:
+        return compiled_unroll(rule, task, inner, rule_step, options, steps=steps, generator=generator,
+                               weights=weights, meta_split=meta_split, second_order=second_order,
+                               objective=objective, record=record, eager=_eager_unroll, keep_inner=keep_inner)
+    return _eager_unroll(rule, task, inner, rule_step, steps=steps, generator=generator, weights=weights,
+                         meta_split=meta_split, second_order=second_order, objective=objective, tape=tape,
+                         record=record)
+
+
+def _eager_unroll(rule: Rule, task: Task, inner: InnerState, update: Any, *, steps: int, generator: torch.Generator,
+                  weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, tape: bool,
+                  record: bool) -> UnrollResult:
+    w = weights
     params, rule_state, step = inner.params, inner.rule_state, inner.step
     if inner.grads is not None and not second_order:
         loss, grads = inner.loss, inner.grads
     else:
         loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
-    finite = _all_finite(loss, grads)
+    finite = _all_finite(loss, grads) if record else True
     rule_tape = None
     if tape and not second_order and not any(p.requires_grad for p in params.values()):
         rule_tape = rule.tape(params, rule_state, steps)
-    terms: _MetaTerms = _GraphTerms(rule) if rule_tape is None else _TapeTerms(rule_tape, grads)
+    terms: _MetaTerms = _GraphTerms(update) if rule_tape is None else _TapeTerms(rule_tape, grads)
     losses: list[Tensor] = []
     for t in range(steps):
-        updates, rule_state = terms.update(grads, rule_state, params, step=step, loss=loss)
-        params = apply_updates(params, updates)
+        params, rule_state = terms.step(grads, rule_state, params, step=step, loss=loss)
         step += 1
         last_batch = task.sample_batch(TRAIN, generator)
-        if second_order and t == steps - 1:
+        last = t == steps - 1
+        if last and not record and (w[t] == 0.0 or meta_split == META):
+            loss = grads = None  # nothing reads the training loss after the last step
+        elif second_order and last:
             # second order never reuses cached gradients: after the last step only the loss is needed
             with torch.enable_grad():
                 loss = task.loss(params, last_batch)
             grads = None
         else:
             loss, grads = loss_and_grads(task, params, last_batch, create_graph=second_order)
-        finite = finite & _all_finite(loss, grads)
-        losses.append(loss.detach().reshape(-1))
+        if record:
+            finite = finite & _all_finite(loss, grads)
+            losses.append(loss.detach().reshape(-1))
         if w[t] == 0.0:
             terms.skip()
         elif second_order:
@@ -204,7 +255,8 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
                                                        generator=generator, meta_split=meta_split, objective=objective)
             terms.add(w[t], params, value, m_grads)
     new_inner = InnerState(params, terms.state(rule_state), step, grads, loss)
-    return UnrollResult(terms.meta_loss(), torch.stack(losses), new_inner, bool(finite))
+    stacked = torch.stack(losses) if losses else torch.zeros(0, 0)
+    return UnrollResult(terms.meta_loss(), stacked, new_inner, bool(finite))
 
 
 def _first_order_term(task: Task, params: Params, loss: Tensor, grads: Params, last_batch: Any, finite: Tensor, *,
@@ -224,8 +276,9 @@ class _MetaTerms:
     """How :func:`unroll`'s loop takes its steps and builds the meta-loss from its terms: through
     autograd (:class:`_GraphTerms`) or through a rule's tape (:class:`_TapeTerms`)."""
 
-    def update(self, grads: Params, state: Any, params: Params, *, step: int,
-               loss: Tensor | None) -> tuple[Params, Any]:  # pragma: no cover - abstract
+    def step(self, grads: Params, state: Any, params: Params, *, step: int,
+             loss: Tensor | None) -> tuple[Params, Any]:  # pragma: no cover - abstract
+        """The next params and rule state."""
         raise NotImplementedError
 
     def skip(self) -> None:
@@ -256,13 +309,13 @@ class _GraphTerms(_MetaTerms):
 ablaar v` flowing through the params only.
     """
 
-    def __init__(self, rule: Rule) -> None:
-        self.rule = rule
+    def __init__(self, rule_step: Any) -> None:
+        self.rule_step = rule_step  # the rule's unchecked step: the unroll checked its arguments once
         self.terms: list[Tensor] = []
 
-    def update(self, grads: Params, state: Any, params: Params, *, step: int,
-               loss: Tensor | None) -> tuple[Params, Any]:
-        return self.rule.update(grads, state, params, step=step, loss=loss)
+    def step(self, grads: Params, state: Any, params: Params, *, step: int,
+             loss: Tensor | None) -> tuple[Params, Any]:
+        return self.rule_step(grads, state, params, step=step, loss=loss)
 
     def add(self, weight: float, params: Params, value: Tensor, grads: Params) -> None:
         n = value.numel()
@@ -291,9 +344,9 @@ class _TapeTerms(_MetaTerms):
         self.dtheta: list[Tensor] = []
         self.no_term = torch.zeros(sum(g.numel() for g in grads.values()))
 
-    def update(self, grads: Params, state: Any, params: Params, *, step: int,
-               loss: Tensor | None) -> tuple[Params, Any]:
-        return self.tape.step(grads, params, step=step, loss=loss), state
+    def step(self, grads: Params, state: Any, params: Params, *, step: int,
+             loss: Tensor | None) -> tuple[Params, Any]:
+        return apply_updates(params, self.tape.step(grads, params, step=step, loss=loss)), state
 
     def skip(self) -> None:
         self.dtheta.append(self.no_term)

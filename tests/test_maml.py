@@ -141,13 +141,13 @@ def test_second_order_matches_explicit_loop_and_differs_from_first_order():
 
 def test_adapt_runs_through_the_unroll_engine(monkeypatch):
     calls = []
-    real = maml_mod.unroll
+    real = maml_mod.run_unroll
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(maml_mod, "unroll", spy)
+    monkeypatch.setattr(maml_mod, "run_unroll", spy)
     maml = l2o.MAML(_mlp(), inner_steps=3)
     sx, sy, _, _ = _data(0)
     maml.adapt(F.mse_loss, sx, sy)

@@ -105,6 +105,10 @@ def add_meta_train_parser(sub: Any) -> None:
                        help="treat the task gradients fed to the rule as constants (the paper; mnist default)")
     mt.add_argument("--objective", default=None, choices=["loss", "log_loss"],
                     help="meta-loss terms: loss (the paper, default) or log_loss")
+    mt.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                    help="run each unroll through torch.compile (default backend inductor; or name one, e.g. "
+                         "aot_eager): the same numbers up to float rounding; the first meta-steps compile "
+                         "(seconds); if compiling fails, a warning and the eager engine")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
     mt.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                     help="write a training state every N meta-steps (atomically, to --state) so that the run "
@@ -173,6 +177,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                                else args.second_order)
         if args.step_weights is not None:
             config.step_weights = args.step_weights
+        config.compile = args.compile
         config.validate()
         device, state_path, checkpoint_every, rank, world, cpu = prepare_run(args)
         config.tasks_per_step = tasks_per_step(args, world, default=defaults.get("tasks_per_step"))

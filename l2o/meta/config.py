@@ -71,6 +71,12 @@ class MetaTrainConfig:
             memorising). Validation reads the same split: with ``"meta"`` it is the loss of the
             final params on the meta split.
         max_consecutive_skips: stop after this many non-finite meta-steps in a row.
+        compile: run every truncation's unroll through :func:`torch.compile` (``True``, or a
+            backend name such as ``"aot_eager"``; see :mod:`l2o.compiling`): the same numbers up to
+            float rounding, each truncation one compiled graph of its steps (first meta-steps
+            compile, seconds per graph; the compile time grows with ``truncation``). The
+            validation runs stay eager. Not part of a run's identity: a run may be resumed with
+            or without it.
         tasks_per_step: the meta-batch: tasks optimised in lockstep whose meta-gradients are
             averaged into each meta-step (default 1, the paper; the ES/PES particles, one
             antithetic pair per task). In a distributed run the world size must divide it.
@@ -97,6 +103,7 @@ class MetaTrainConfig:
     meta_split: str = TRAIN
     max_consecutive_skips: int = 20
     tasks_per_step: int = 1
+    compile: bool | str = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -141,6 +148,8 @@ class MetaTrainConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.second_order, bool):
             raise ValueError(f"second_order must be True or False, got {self.second_order!r}")
+        if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile must be True, False or a torch.compile backend name, got {self.compile!r}")
         if self.second_order and self.estimator != "tbptt":
             raise ValueError(f"second_order differentiates through the inner steps, which only estimator='tbptt' does; "
                              f"{self.estimator!r} estimates the meta-gradient from losses alone (drop second_order)")

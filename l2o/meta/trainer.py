@@ -60,6 +60,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoints import load_training_state, save_training_state
+from ..compiling import compile_options
 from ..rules.base import Rule
 from ..validation import check_positive_int
 from ..tasks import META, TaskFamily
@@ -202,7 +203,8 @@ class _Run:
         self.own = self.dist.share(config.tasks_per_step)  # this rank's tasks within each meta-batch
         self.estimator: Estimator = ESTIMATOR_CLASSES[config.estimator]()
         self.context = SegmentContext(rule, self.meta_params, config.tasks_per_step, config.meta_split,
-                                      config.second_order, config.objective, config.es_std)
+                                      config.second_order, config.objective, config.es_std,
+                                      compile_options(config.compile))
         self.optimizer = torch.optim.Adam(self.meta_params, lr=config.meta_lr)
         self.setup = run_setup(config, rule, family, init)
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every

@@ -186,7 +186,8 @@ def _describe(obj: Any) -> dict[str, Any]:
 
 def run_setup(config: MetaTrainConfig, rule: Rule, family: TaskFamily, init: torch.nn.Module | None) -> dict[str, Any]:
     """What identifies a run: a resume must match all of it."""
-    setup = {"config": _plain(config.to_dict()), "rule": _describe(rule), "task_family": _describe(family)}
+    described = {k: v for k, v in config.to_dict().items() if k != "compile"}  # the same run, compiled or not
+    setup = {"config": _plain(described), "rule": _describe(rule), "task_family": _describe(family)}
     if init is not None:
         setup["init"] = _plain({"class": type(init).__name__,
                                 "params": {k: list(v.shape) for k, v in init.params().items()}})

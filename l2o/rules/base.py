@@ -16,6 +16,14 @@ allocating new ones; callers that own the state and need no meta-gradient (the d
 :class:`l2o.LearnedOptimizer`) use it. The default just calls ``update``; rules whose state is large
 (the LSTM keeps ``2 L H`` numbers per coordinate) override it with an in-place, blocked version.
 
+``check_update`` and ``update_unchecked`` split ``update`` in two for the engine: the first raises
+on arguments ``update`` would refuse, the second computes the step without checking them
+(``update`` = ``check_update`` then ``update_unchecked``). The engine checks once per unroll and
+then takes every inner step unchecked, so that no Python validation runs per step and a compiled
+step (``torch.compile``) holds only the arithmetic. Defaults: no check, and ``update_unchecked``
+calls ``update``; :func:`unchecked_update` picks the pair a rule's class really implements (a
+subclass that overrides only ``update`` keeps its own ``update``).
+
 ``tape`` is an optional fast path for first-order truncated meta-training: a rule may return a
 :class:`RuleTape` that runs the steps of one truncation without autograd and computes the
 meta-gradient of the whole truncation in one backward, from the gradients at its updates (the
@@ -25,18 +33,18 @@ the engine then differentiates ``update`` step by step.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 from torch import Tensor, nn
 
-from ..tree import Params
+from ..tree import Params, apply_updates
 
 # The generic argument checks live in l2o.validation. They are re-exported here (and stay in
 # __all__) as deprecated aliases for code that imports them from l2o.rules.base.
 from ..validation import check_bool, check_float_dtype, check_hyperparameter, check_positive_int
 
 __all__ = ["Rule", "RuleTape", "check_hyperparameter", "check_positive_int", "check_bool", "check_float_dtype", "check_update_args",
-           "check_params"]
+           "check_params", "unchecked_update"]
 
 
 class RuleTape(Protocol):
@@ -105,6 +113,40 @@ class Rule(nn.Module):
         """Return ``(updates, new_state)`` for one inner step."""
         raise NotImplementedError
 
+    def check_update(self, grads: Params, state: Any, params: Params, *, step: int) -> None:
+        """Raise ``TypeError``/``ValueError`` for arguments that :meth:`update` would refuse (the
+        default checks nothing). Rules that split :meth:`update` into this and
+        :meth:`update_unchecked` let the engine validate once per unroll instead of once per step."""
+
+    def update_unchecked(
+        self,
+        grads: Params,
+        state: Any,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, Any]:
+        """:meth:`update` for arguments already checked by :meth:`check_update` (the default calls
+        :meth:`update`): no Python validation, only the step's arithmetic."""
+        return self.update(grads, state, params, step=step, loss=loss)
+
+    def apply_unchecked(
+        self,
+        grads: Params,
+        state: Any,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, Any]:
+        r"""The next params :math:`\theta_{t+1} = \theta_t + u_t` and state, for checked arguments:
+        ``apply_updates(params, updates)`` of :meth:`update_unchecked` (the default). A rule may
+        fuse the two (plain SGD: one ``torch.add(θ, g, alpha=-lr)`` per tensor, as
+        ``torch.optim.SGD`` steps); the engine steps through this method."""
+        updates, state = self.update_unchecked(grads, state, params, step=step, loss=loss)
+        return apply_updates(params, updates), state
+
     def update_(
         self,
         grads: Params,
@@ -168,3 +210,34 @@ def check_params(params: Any, *, rule: str) -> None:
     for k, p in params.items():
         if not isinstance(p, Tensor):
             raise TypeError(f"{rule}.init: params[{k!r}] must be a Tensor, got {type(p).__name__}")
+
+
+def unchecked_update(rule: Rule) -> tuple[Callable[..., None], Callable[..., tuple[Params, Any]]]:
+    """``(check, step)`` for an engine that validates once and then steps unchecked; ``step(grads,
+    state, params, *, step, loss)`` returns the next params and state.
+
+    ``(rule.check_update, rule.apply_unchecked)`` when the most derived class that defines
+    ``update``, ``update_unchecked`` or ``apply_unchecked`` defines one of the last two (the split
+    is then the rule's own); otherwise (a subclass that overrides ``update`` alone, or a rule
+    without the split) no check and ``apply_updates`` of ``rule.update``, so every step runs the
+    ``update`` the class defines.
+    """
+    for klass in type(rule).__mro__:
+        if klass is Rule:
+            break
+        if "update_unchecked" in vars(klass) or "apply_unchecked" in vars(klass):
+            return rule.check_update, rule.apply_unchecked
+        if "update" in vars(klass):
+            break
+    update = rule.update
+
+    def checked_step(grads: Params, state: Any, params: Params, *, step: int,
+                     loss: Tensor | None = None) -> tuple[Params, Any]:
+        updates, state = update(grads, state, params, step=step, loss=loss)
+        return apply_updates(params, updates), state
+
+    return _no_check, checked_step
+
+
+def _no_check(grads: Any, state: Any, params: Any, *, step: int) -> None:
+    return None

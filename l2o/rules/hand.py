@@ -166,8 +166,24 @@ class SGD(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, SGDState]:
         """Return ``(updates, new_state)``; ``loss`` is ignored."""
+        self.check_update(grads, state, params, step=step)
+        return self.update_unchecked(grads, state, params, step=step, loss=loss)
+
+    def check_update(self, grads: Params, state: SGDState, params: Params, *, step: int) -> None:
+        """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         _check_update(self, grads, state, params, step, SGDState, ("momentum",) if self.momentum != 0.0 else (),
                       read_at_step0=False)
+
+    def update_unchecked(
+        self,
+        grads: Params,
+        state: SGDState,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, SGDState]:
+        """:meth:`update` without the argument checks."""
         lr, mu, tau, wd = self.lr, self.momentum, self.dampening, self.weight_decay
         updates: Params = {}
         buffers: Params = {}
@@ -182,6 +198,19 @@ class SGD(Rule):
                 d = torch.add(d, buf, alpha=mu) if self.nesterov else buf
             updates[k] = d * -lr
         return updates, SGDState(momentum=buffers)
+
+    def apply_unchecked(self, grads: Params, state: SGDState, params: Params, *, step: int,
+                        loss: Tensor | None = None) -> tuple[Params, SGDState]:
+        r"""Without momentum and weight decay, :math:`\theta - \gamma g` as one
+        ``torch.add(θ, g, alpha=-lr)`` per tensor (``torch.optim.SGD``'s arithmetic); otherwise
+        :meth:`update_unchecked` and ``apply_updates`` (also for a subclass with its own
+        ``update_unchecked``)."""
+        if self.momentum == 0.0 and self.weight_decay == 0.0 and type(self).update_unchecked is SGD.update_unchecked:
+            if torch.compiler.is_compiling():  # the compiler fuses the two ops (and torch 2.13's inductor
+                # miscomputes add(..., alpha=) of a torch.func.grad output: tests/test_compile.py)
+                return {k: p + grads[k].to(p.dtype) * -self.lr for k, p in params.items()}, SGDState({})
+            return {k: torch.add(p, grads[k].to(p.dtype), alpha=-self.lr) for k, p in params.items()}, SGDState({})
+        return super().apply_unchecked(grads, state, params, step=step, loss=loss)
 
     @torch.no_grad()
     def update_(
@@ -334,9 +363,25 @@ class RMSprop(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, RMSpropState]:
         """Return ``(updates, new_state)``; ``step`` and ``loss`` are not needed by RMSprop."""
+        self.check_update(grads, state, params, step=step)
+        return self.update_unchecked(grads, state, params, step=step, loss=loss)
+
+    def check_update(self, grads: Params, state: RMSpropState, params: Params, *, step: int) -> None:
+        """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         _check_update(self, grads, state, params, step, RMSpropState,
                       ("square_avg",) + (("grad_avg",) if self.centered else ())
                       + (("momentum",) if self.momentum > 0.0 else ()))
+
+    def update_unchecked(
+        self,
+        grads: Params,
+        state: RMSpropState,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, RMSpropState]:
+        """:meth:`update` without the argument checks."""
         lr, alpha, mu = self.lr, self.alpha, self.momentum
         updates: Params = {}
         square_avg: Params = {}
@@ -491,7 +536,23 @@ class Adam(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, AdamState]:
         """Return ``(updates, new_state)``; bias corrections use ``step + 1``; ``loss`` is ignored."""
+        self.check_update(grads, state, params, step=step)
+        return self.update_unchecked(grads, state, params, step=step, loss=loss)
+
+    def check_update(self, grads: Params, state: AdamState, params: Params, *, step: int) -> None:
+        """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         _check_update(self, grads, state, params, step, AdamState, ("exp_avg", "exp_avg_sq"))
+
+    def update_unchecked(
+        self,
+        grads: Params,
+        state: AdamState,
+        params: Params,
+        *,
+        step: int,
+        loss: Tensor | None = None,
+    ) -> tuple[Params, AdamState]:
+        """:meth:`update` without the argument checks."""
         beta1, beta2 = self.betas
         t = step + 1
         bias_correction1 = 1.0 - beta1**t

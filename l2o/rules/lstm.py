@@ -447,9 +447,26 @@ class LSTMRule(Rule):
     def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
                loss: Tensor | None = None) -> tuple[Params, LSTMState]:
         """One inner step on all coordinates of all tensors at once (see the module docstring)."""
-        x, moments, velocity, grad = self._inputs(grads, state, params, step)
+        self.check_update(grads, state, params, step=step)
+        return self.update_unchecked(grads, state, params, step=step, loss=loss)
+
+    def check_update(self, grads: Params, state: LSTMState, params: Params, *, step: int) -> None:
+        """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
+        check_update_args(grads, params, step, rule="LSTMRule")
+        if not params:
+            raise ValueError("LSTMRule.update: params is empty; pass at least one tensor")
+        self._check_state(state, num_elements(grads), "grads")
+
+    def update_unchecked(self, grads: Params, state: LSTMState, params: Params, *, step: int,
+                         loss: Tensor | None = None) -> tuple[Params, LSTMState]:
+        """:meth:`update` without the argument checks. Under :func:`torch.compile` a ``fused`` rule
+        takes its step through the plain-autograd reference (the same math; the hand-written
+        backward's buffers written with ``out=`` are not traceable)."""
+        flat = flatten(grads).to(self.out_weight.dtype)
+        x, moments, velocity = self._features(flat, state.moments, state.velocity, step)
+        grad = flat
         layer_params = [t for pair in zip(self.weights, self.biases) for t in pair]
-        if self.fused:
+        if self.fused and not torch.compiler.is_compiling():
             out = _FusedLSTMStep.apply(x, self.num_layers, *state.hidden, *state.cell, *layer_params,
                                        self.out_weight, self.out_bias)
         else:

@@ -123,13 +123,31 @@ class MetaSGD(Rule):
         loss: Tensor | None = None,
     ) -> tuple[Params, MetaSGDState]:
         r"""Return :math:`(-\alpha \odot g, \text{state})`; ``params``, ``step`` and ``loss`` are not used."""
+        self.check_update(grads, state, params, step=step)
+        return self.update_unchecked(grads, state, params, step=step, loss=loss)
+
+    def check_update(self, grads: Params, state: MetaSGDState, params: Params, *, step: int) -> None:
+        """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         check_update_args(grads, params, step, rule="MetaSGD")
         if not isinstance(state, MetaSGDState):
             raise TypeError(f"MetaSGD.update: state must be the MetaSGDState that rule.init(params) returned, "
                             f"got {type(state).__name__}")
         self._check(grads, params, batched_ok=True)
+
+    def update_unchecked(self, grads: Params, state: MetaSGDState, params: Params, *, step: int,
+                         loss: Tensor | None = None) -> tuple[Params, MetaSGDState]:
+        """:meth:`update` without the argument checks."""
         updates = {k: -(a.to(dtype=grads[k].dtype) * grads[k]) for k, a in zip(self.names, self.alpha)}
         return updates, state
+
+    def apply_unchecked(self, grads: Params, state: MetaSGDState, params: Params, *, step: int,
+                        loss: Tensor | None = None) -> tuple[Params, MetaSGDState]:
+        r""":math:`\theta - \alpha \odot g` as one ``addcmul`` per tensor (a subclass with its own
+        ``update_unchecked``: that and ``apply_updates``)."""
+        if type(self).update_unchecked is not MetaSGD.update_unchecked:
+            return super().apply_unchecked(grads, state, params, step=step, loss=loss)
+        return {k: torch.addcmul(params[k], a.to(dtype=grads[k].dtype), grads[k], value=-1.0).to(params[k].dtype)
+                for k, a in zip(self.names, self.alpha)}, state
 
     def _check(self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], *, batched_ok: bool) -> None:
         if not isinstance(params, Mapping) or not all(isinstance(v, Tensor) for v in params.values()):

@@ -35,6 +35,7 @@ class SegmentContext:
     second_order: bool
     objective: str
     es_std: float
+    compile: Any = None  # CompileOptions, or None for eager (MetaTrainConfig.compile)
 
 
 @dataclass

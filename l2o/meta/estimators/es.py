@@ -98,7 +98,7 @@ class AntitheticES:
                   steps: int, weights: Sequence[float] | None) -> UnrollResult:
         with torch.no_grad(), _perturbed(ctx.meta_params, noise, sign):
             return unroll(ctx.rule, slot.task, inner, steps=steps, generator=slot.generator, weights=weights,
-                          meta_split=ctx.meta_split, objective=ctx.objective)
+                          meta_split=ctx.meta_split, objective=ctx.objective, compile=ctx.compile or False)
 
 
 class PersistentES(AntitheticES):

@@ -35,7 +35,7 @@ class TruncatedBackprop:
         for slot in slots:
             result = unroll(ctx.rule, slot.task, slot.inner, steps=steps, generator=slot.generator, weights=weights,
                             meta_split=ctx.meta_split, second_order=ctx.second_order, objective=ctx.objective,
-                            tape=True)
+                            tape=True, compile=ctx.compile or False)
             if not (result.finite and bool(torch.isfinite(result.meta_loss))):
                 return SegmentResult(False, loss_sum, [])  # the meta-step is skipped: leave the other tasks
             (result.meta_loss / ctx.tasks_per_step).backward()
