@@ -3,7 +3,7 @@ r"""The torch.optim adapter: any l2o rule as a real :class:`torch.optim.Optimize
 ::
 
     import l2o
-    opt = l2o.LearnedOptimizer(model.parameters(), pretrained="quadratic")  # or checkpoint=..., rule=...
+    opt = l2o.LearnedOptimizer(model.parameters())  # the shipped "generalist"; or pretrained=, checkpoint=, rule=
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5)
     for x, y in loader:
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
@@ -153,7 +153,10 @@ from torch import Tensor
 from .rules.base import Rule
 from .tree import is_namedtuple, state_fill, state_leaves
 
-__all__ = ["LearnedOptimizer"]
+__all__ = ["LearnedOptimizer", "DEFAULT_PRETRAINED"]
+
+#: The shipped rule ``LearnedOptimizer(params)`` uses when no rule is named.
+DEFAULT_PRETRAINED = "generalist"
 
 _PARAM_KEY = "p"  # the key of a parameter in the state template (and of per-parameter rule calls)
 
@@ -357,8 +360,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state_dtype: dtype the rule state is stored in between steps (default: the LSTM's own
             dtype, or each parameter's dtype for hand-designed rules). ``torch.bfloat16`` halves
             the LSTM state's memory; it is upcast for each step's computation.
+        total_steps: the number of ``step()`` calls the training will make, for rules with
+            training-progress inputs (:class:`l2o.MLPRule`: the fraction of training done
+            enters the rule); optional, such a rule also works without it. Refused (``TypeError``)
+            by rules without such inputs.
 
-    Exactly one of ``pretrained``, ``checkpoint`` and ``rule`` must be given. See the module
+    At most one of ``pretrained``, ``checkpoint`` and ``rule`` may be given; with none,
+    ``pretrained="generalist"`` (:data:`DEFAULT_PRETRAINED`) is used. See the module
     docstring of :mod:`l2o.optim` for the state layout, non-finite updates, ``torch.compile`` and
     every difference from ``torch.optim``.
     """
@@ -373,15 +381,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: float = 1.0,
         weight_decay: float = 0.0,
         state_dtype: torch.dtype | None = None,
+        total_steps: int | None = None,
     ) -> None:
         given = [name for name, value in (("pretrained", pretrained), ("checkpoint", checkpoint), ("rule", rule))
                  if value is not None]
-        if len(given) != 1:
-            which = f"got {' and '.join(given)}" if given else "got none of them"
+        if len(given) > 1:
             raise ValueError(
-                "LearnedOptimizer needs exactly one of pretrained= (a shipped rule name, see "
-                f"l2o.list_pretrained()), checkpoint= (a path) or rule= (an l2o rule object); {which}"
+                "LearnedOptimizer takes at most one of pretrained= (a shipped rule name, see "
+                f"l2o.list_pretrained()), checkpoint= (a path) or rule= (an l2o rule object); got {' and '.join(given)}"
             )
+        if not given:
+            pretrained = DEFAULT_PRETRAINED
         lr = _check_lr(lr, "LearnedOptimizer")
         weight_decay = _check_weight_decay(weight_decay, "LearnedOptimizer")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
@@ -406,6 +416,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule = copy.deepcopy(rule)
         rule.requires_grad_(False)
         rule.eval()
+        if total_steps is not None:
+            if not hasattr(rule, "total_steps"):
+                raise TypeError(f"total_steps= is read by rules with training-progress inputs (l2o.MLPRule, e.g. "
+                                f"pretrained='generalist'); {type(rule).__name__} has none: leave total_steps out")
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise ValueError(f"total_steps must be a positive integer (the number of step() calls the training "
+                                 f"will make), got {total_steps!r}")
+            rule.total_steps = total_steps
         self.rule: Rule = rule
         self.state_dtype: torch.dtype | None = state_dtype
         # A learned rule computes in its weights' dtype; a hand-designed one in each param's dtype.

@@ -250,13 +250,13 @@ ENTRIES = [
            "params": lambda: SineMLP(hidden=(4,)).init_params(torch.Generator().manual_seed(0), 2)},
           aliases={"params": ("keys", "shape", "Tensor", "size")}),
     Entry("LearnedOptimizer",
-          lambda params, rule, lr, weight_decay, state_dtype, pretrained, checkpoint: l2o.LearnedOptimizer(
+          lambda params, rule, lr, weight_decay, state_dtype, pretrained, checkpoint, total_steps: l2o.LearnedOptimizer(
               params, rule=rule, lr=lr, weight_decay=weight_decay, state_dtype=state_dtype, pretrained=pretrained,
-              checkpoint=checkpoint),
+              checkpoint=checkpoint, total_steps=total_steps),
           {"params": lambda: [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(()))],
            "rule": lambda: LSTMRule(hidden_size=3), "lr": _v(1.0), "weight_decay": _v(0.0), "state_dtype": _v(None),
-           "pretrained": _v(None), "checkpoint": _v(None)},
-          _step_optimizer, {"params": ("Tensor", "param group", "parameter"), "rule": ("exactly one",)}),
+           "pretrained": _v(None), "checkpoint": _v(None), "total_steps": _v(None)},
+          _step_optimizer, {"params": ("Tensor", "param group", "parameter"), "rule": ("at most one", "l2o rule")}),
     Entry("QuadraticFamily", QuadraticFamily,
           {"dim": _v(3), "num_functions": _v(4), "init_std": _v(0.01), "dtype": _v(torch.float32)}, _sample_loss),
     Entry("QuadraticTask", QuadraticTask,

@@ -572,10 +572,9 @@ def test_frozen_submodule():
 # ------------------------------------------------------------------------------------- errors
 
 
-def test_exactly_one_source_of_rule(tmp_path):
+def test_at_most_one_source_of_rule(tmp_path):
     ps = list(MLP().parameters())
-    with pytest.raises(ValueError, match="exactly one .*got none"):
-        l2o.LearnedOptimizer(ps)
+    assert isinstance(l2o.LearnedOptimizer(ps).rule, l2o.MLPRule)  # none: the shipped "generalist"
     with pytest.raises(ValueError, match="got pretrained and rule"):
         l2o.LearnedOptimizer(ps, pretrained="quadratic", rule=l2o.Adam())
     with pytest.raises(ValueError, match="got pretrained and checkpoint and rule"):
@@ -670,7 +669,9 @@ def test_memory_stays_flat_and_no_graph():
         if t % 12 == 3:
             counts.append(live_tensors())
     assert torch.is_grad_enabled()
-    assert len(set(counts)) == 1, counts
+    # no growth from step to step; the first count may also hold garbage that earlier tests (compiled
+    # graphs' caches) leave for the collector to free later
+    assert len(set(counts[1:])) == 1 and counts[0] >= counts[1], counts
 
 
 # ---------------------------------------------------------------------------------- hypothesis
@@ -796,7 +797,8 @@ def test_malicious_checkpoint_is_refused_even_with_a_matching_checksum(tiny_inde
 def test_every_shipped_pretrained_rule_loads_and_steps():
     """Every entry of the real index (its checksum checked) loads and takes finite steps."""
     assert pretrained_mod.INDEX_PATH == Path(pretrained_mod.__file__).resolve().parent / "index.json"
-    assert [entry["name"] for entry in l2o.list_pretrained()] == ["quadratic", "mnist", "mnist-nag", "mnist-paper"]
+    assert [entry["name"] for entry in l2o.list_pretrained()] == ["quadratic", "mnist", "mnist-nag", "mnist-paper",
+                                                                  "generalist"]
     for entry in l2o.list_pretrained():
         rule = l2o.load_pretrained(entry["name"])
         assert rule.name in l2o.rules.RULES
