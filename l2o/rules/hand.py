@@ -209,7 +209,9 @@ class SGD(Rule):
             if torch.compiler.is_compiling():  # the compiler fuses the two ops (and torch 2.13's inductor
                 # miscomputes add(..., alpha=) of a torch.func.grad output: tests/test_compile.py)
                 return {k: p + grads[k].to(p.dtype) * -self.lr for k, p in params.items()}, SGDState({})
-            return {k: torch.add(p, grads[k].to(p.dtype), alpha=-self.lr) for k, p in params.items()}, SGDState({})
+            return {k: torch.add(p, grads[k].to(p.dtype), alpha=-self.lr) if self.lr <= torch.finfo(p.dtype).max
+                    else p + grads[k].to(p.dtype) * -self.lr  # alpha must fit the dtype
+                    for k, p in params.items()}, SGDState({})
         return super().apply_unchecked(grads, state, params, step=step, loss=loss)
 
     @torch.no_grad()
