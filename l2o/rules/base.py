@@ -109,9 +109,14 @@ class Rule(nn.Module):
         *,
         step: int,
         loss: Tensor | None = None,
-    ) -> tuple[Params, Any]:  # pragma: no cover - abstract
-        """Return ``(updates, new_state)`` for one inner step."""
-        raise NotImplementedError
+    ) -> tuple[Params, Any]:
+        """Return ``(updates, new_state)`` for one inner step: :meth:`check_update`, then
+        :meth:`update_unchecked`. A rule overrides either this or those two."""
+        if type(self).update_unchecked is Rule.update_unchecked:  # pragma: no cover - abstract
+            raise NotImplementedError(f"{type(self).__name__} must define update, or check_update and "
+                                      "update_unchecked")
+        self.check_update(grads, state, params, step=step)
+        return self.update_unchecked(grads, state, params, step=step, loss=loss)
 
     def check_update(self, grads: Params, state: Any, params: Params, *, step: int) -> None:
         """Raise ``TypeError``/``ValueError`` for arguments that :meth:`update` would refuse (the

@@ -156,19 +156,6 @@ class SGD(Rule):
             return SGDState(momentum={})
         return SGDState(momentum={k: torch.zeros_like(p) for k, p in params.items()})
 
-    def update(
-        self,
-        grads: Params,
-        state: SGDState,
-        params: Params,
-        *,
-        step: int,
-        loss: Tensor | None = None,
-    ) -> tuple[Params, SGDState]:
-        """Return ``(updates, new_state)``; ``loss`` is ignored."""
-        self.check_update(grads, state, params, step=step)
-        return self.update_unchecked(grads, state, params, step=step, loss=loss)
-
     def check_update(self, grads: Params, state: SGDState, params: Params, *, step: int) -> None:
         """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         _check_update(self, grads, state, params, step, SGDState, ("momentum",) if self.momentum != 0.0 else (),
@@ -355,19 +342,6 @@ class RMSprop(Rule):
             momentum={k: torch.zeros_like(p) for k, p in params.items()} if self.momentum > 0.0 else {},
         )
 
-    def update(
-        self,
-        grads: Params,
-        state: RMSpropState,
-        params: Params,
-        *,
-        step: int,
-        loss: Tensor | None = None,
-    ) -> tuple[Params, RMSpropState]:
-        """Return ``(updates, new_state)``; ``step`` and ``loss`` are not needed by RMSprop."""
-        self.check_update(grads, state, params, step=step)
-        return self.update_unchecked(grads, state, params, step=step, loss=loss)
-
     def check_update(self, grads: Params, state: RMSpropState, params: Params, *, step: int) -> None:
         """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         _check_update(self, grads, state, params, step, RMSpropState,
@@ -527,19 +501,6 @@ class Adam(Rule):
             exp_avg={k: torch.zeros_like(p) for k, p in params.items()},
             exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()},
         )
-
-    def update(
-        self,
-        grads: Params,
-        state: AdamState,
-        params: Params,
-        *,
-        step: int,
-        loss: Tensor | None = None,
-    ) -> tuple[Params, AdamState]:
-        """Return ``(updates, new_state)``; bias corrections use ``step + 1``; ``loss`` is ignored."""
-        self.check_update(grads, state, params, step=step)
-        return self.update_unchecked(grads, state, params, step=step, loss=loss)
 
     def check_update(self, grads: Params, state: AdamState, params: Params, *, step: int) -> None:
         """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""

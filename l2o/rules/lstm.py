@@ -444,12 +444,6 @@ class LSTMRule(Rule):
             u = u - log_lr.exp() * direction
         return split_like(u, params)
 
-    def update(self, grads: Params, state: LSTMState, params: Params, *, step: int,
-               loss: Tensor | None = None) -> tuple[Params, LSTMState]:
-        """One inner step on all coordinates of all tensors at once (see the module docstring)."""
-        self.check_update(grads, state, params, step=step)
-        return self.update_unchecked(grads, state, params, step=step, loss=loss)
-
     def check_update(self, grads: Params, state: LSTMState, params: Params, *, step: int) -> None:
         """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         check_update_args(grads, params, step, rule="LSTMRule")

@@ -113,19 +113,6 @@ class MetaSGD(Rule):
         self._check(params, params, batched_ok=True)
         return MetaSGDState()
 
-    def update(
-        self,
-        grads: Params,
-        state: MetaSGDState,
-        params: Params,
-        *,
-        step: int,
-        loss: Tensor | None = None,
-    ) -> tuple[Params, MetaSGDState]:
-        r"""Return :math:`(-\alpha \odot g, \text{state})`; ``params``, ``step`` and ``loss`` are not used."""
-        self.check_update(grads, state, params, step=step)
-        return self.update_unchecked(grads, state, params, step=step, loss=loss)
-
     def check_update(self, grads: Params, state: MetaSGDState, params: Params, *, step: int) -> None:
         """What :meth:`update` checks (see :meth:`l2o.Rule.check_update`)."""
         check_update_args(grads, params, step, rule="MetaSGD")
