@@ -1,6 +1,6 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler.
 
-Three source files, compiled together as one translation unit:
+Four source files, compiled together as one translation unit:
 
 * ``lstm_gates.c``: the gate math of an LSTM cell, forward and backward, on a vector of
   coordinates: the one definition the other two run.
@@ -13,6 +13,11 @@ Three source files, compiled together as one translation unit:
 * ``lstm_tape.c``: whole steps of the LSTM, matrix products included, keeping a truncation's
   activations, and the truncation's backward in one call (:func:`lstm_tape`, what
   first-order meta-training runs through :meth:`l2o.LSTMRule.tape`).
+* ``mlp_rule.c``: one whole step of :class:`l2o.MLPRule` on a list of tensors
+  (:func:`mlp_update`, what :meth:`l2o.MLPRule.update_`, and so ``LearnedOptimizer.step()``, runs):
+  one pass updates the accumulators and sums the normalisers' squares, a second computes the 12
+  features, the network and the update of each coordinate in registers (instead of about 60 torch
+  operations per tensor).
 
 All serve float32 state on the CPU; everything else (float64, CUDA) runs the torch twins of
 :mod:`l2o.kernels.twin`, which compute the same math and are what the kernels are checked against.
@@ -63,10 +68,12 @@ from ..cache import default_cache_dir
 from ..fileio import commit_temp, reserve_temp
 from . import selftest
 
-__all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "TapeKernel", "TAPE_BLOCK", "is_available", "set_enabled"]
+__all__ = ["lstm_cell", "lstm_autograd", "lstm_tape", "TapeKernel", "TAPE_BLOCK", "mlp_update", "MLPKernel",
+           "MLP_MAX_HIDDEN", "is_available", "set_enabled"]
 
-#: Compiled as one translation unit, in this order (the other two run ``lstm_gates.c``'s gate math).
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lstm_gates.c", "lstm_cell.c", "lstm_tape.c"))
+#: Compiled as one translation unit, in this order (the others run ``lstm_gates.c``'s vector math).
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lstm_gates.c", "lstm_cell.c", "lstm_tape.c",
+                                                              "mlp_rule.c"))
 #: Compiler flag sets tried in order; the first that builds wins. ``-fno-fast-math`` first, so that
 #: no compiler default can fold the exp of ``lstm_gates.c`` away (the source refuses to compile in
 #: fast-math mode), and the two flags after it still apply: ``-fno-trapping-math`` lets the compiler
@@ -231,7 +238,7 @@ def _build(compiler: str, source: bytes) -> Path:
 
 
 class _Kernels(NamedTuple):
-    """The entry points of ``lstm_cell.c`` (ctypes functions)."""
+    """The entry points of the library (ctypes functions)."""
 
     cell: Any
     forward: Any
@@ -240,6 +247,7 @@ class _Kernels(NamedTuple):
     tape_forward: Any
     tape_state: Any
     tape_backward: Any
+    mlp_update: Any
 
 
 def _load() -> _Kernels | None:
@@ -254,16 +262,16 @@ def _load() -> _Kernels | None:
         lib = ctypes.CDLL(str(_build(compiler, b"\n".join(path.read_bytes() for path in _SOURCES))))
         fns = _Kernels(lib.l2o_lstm_cell_f32, lib.l2o_lstm_forward_f32, lib.l2o_lstm_backward_f32,
                        lib.l2o_tape_start_f32, lib.l2o_tape_forward_f32, lib.l2o_tape_state_f32,
-                       lib.l2o_tape_backward_f32)
+                       lib.l2o_tape_backward_f32, lib.l2o_mlp_update_f32)
     except (OSError, RuntimeError, AttributeError) as exc:
-        problem = f"could not build the compiled LSTM kernel ({exc})"
+        problem = f"could not build the compiled kernels ({exc})"
     else:
         _declare(fns)
         failed = selftest.check(_bind_cell(fns, 1), LSTMAutograd(fns, 1),
-                                lambda *dims: TapeKernel(fns, *dims, threads=1))
+                                lambda *dims: TapeKernel(fns, *dims, threads=1), MLPKernel(fns, 1))
         if failed is None:
             return fns
-        problem = f"the compiled LSTM kernel failed its self-test against torch ({failed})"
+        problem = f"the compiled kernels failed their self-test against torch ({failed})"
     if not _warned:
         _warned = True
         warnings.warn(f"l2o: {problem}; using the torch implementation, which is slower. Set L2O_KERNELS=0 to skip "
@@ -284,11 +292,13 @@ def _declare(fns: _Kernels) -> None:
     fns.tape_backward.argtypes = [*dims, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
     for fn in fns:
         fn.restype = None
+    fns.mlp_update.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
     fns.tape_backward.restype = ctypes.c_int
+    fns.mlp_update.restype = ctypes.c_int
 
 
 def is_available() -> bool:
-    """Whether the LSTM kernel is enabled, built and checked (builds it on the first call)."""
+    """Whether the compiled kernels are enabled, built and checked (builds them on the first call)."""
     return _get() is not None
 
 
@@ -481,3 +491,61 @@ def lstm_tape(steps: int, features: int, hidden: int, layers: int, n: int, *, th
         return None
     return TapeKernel(fns, steps, features, hidden, layers, n, torch.get_num_threads() if threads is None else threads,
                     buffer)
+
+
+#: The widest hidden layer :func:`mlp_update` serves (``MLP_HMAX`` in ``mlp_rule.c``).
+MLP_MAX_HIDDEN = 128
+
+#: One tensor of :meth:`MLPKernel.update`: its ``(instances, n, rows, cols, factored, rank)`` and
+#: its ``(grad, param, m1, m2, m3, v, row, col, u)`` tensors.
+MLPEntry = tuple[tuple[int, int, int, int, int, int], tuple[Tensor, ...]]
+
+
+class MLPKernel(NamedTuple):
+    """The MLP-rule kernel (``mlp_rule.c``) bound to a thread count; see :func:`mlp_update`."""
+
+    fns: _Kernels
+    threads: int
+
+    def update(self, entries: list[MLPEntry], coef: tuple[float, ...], first: Tensor, hidden: Tensor,
+               last: Tensor) -> None:
+        r"""One step of :class:`l2o.MLPRule` on every tensor of ``entries``, in place.
+
+        Each entry is ``((I, n, R, C, factored, rank), (g, p, m1, m2, m3, v, r, c, u))``: ``I``
+        instances of ``n`` coordinates (``R x C`` row-major when ``factored``), the gradient, the
+        param, the three momenta and the second moment (updated in place), the row and column
+        statistics ``(I, R)`` and ``(I, C)`` (updated in place; ignored unless factored) and ``u``,
+        which receives the update. ``coef`` is the 16 floats ``1 - beta_1, 1 - beta_2, 1 - beta_3,
+        beta_v, 1 - beta_v, 1 - beta_f, 1/bc_1, 1/bc_2, 1/bc_3, 1/bc_v, 1/bc_f, sqrt(1/bc_v), eps,
+        lr, log_lr_offset, residual`` (``bc`` the bias corrections); ``first`` the three ranks'
+        ``(H, 13)`` first layers with the context bias as last column, ``(3, H, 13)``; ``hidden``
+        the ``(L - 1, H, H + 1)`` further layers (bias last); ``last`` the ``(2, H + 1)`` output
+        layer, its magnitude row times ``exp_mult``. Checks nothing: every tensor must be a
+        contiguous float32 CPU tensor of those sizes (see ``mlp_rule.c`` for the math).
+        """
+        dims: list[int] = []
+        ptrs: list[int] = []
+        for dim, tensors in entries:
+            dims += dim
+            ptrs += [t.data_ptr() for t in tensors]
+        dims_t = (ctypes.c_int64 * len(dims))(*dims)
+        ptrs_t = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        coef_t = (ctypes.c_float * len(coef))(*coef)
+        code = self.fns.mlp_update(len(entries), dims_t, ptrs_t, coef_t, first.data_ptr(), hidden.data_ptr(),
+                                   last.data_ptr(), first.shape[1], hidden.shape[0] + 1, self.threads)
+        if code != 0:
+            raise MemoryError("l2o: the MLP-rule kernel could not allocate its scratch memory")
+
+
+def mlp_update(hidden_size: int, *, threads: int | None = None) -> MLPKernel | None:
+    """The :class:`MLPKernel` for a rule of ``hidden_size`` units, or ``None`` (the caller runs
+    torch) when the kernels are disabled, failed to build, run inside :func:`torch.compile`, or
+    ``hidden_size`` exceeds :data:`MLP_MAX_HIDDEN`. The caller checks that its tensors are
+    contiguous float32 CPU tensors. Runs on ``threads`` threads (default:
+    ``torch.get_num_threads()`` at this call)."""
+    if hidden_size > MLP_MAX_HIDDEN:
+        return None
+    fns = _get()
+    if fns is None:
+        return None
+    return MLPKernel(fns, torch.get_num_threads() if threads is None else threads)

@@ -2,7 +2,8 @@
 
 Every entry point runs once on small random inputs (sizes chosen so that full vectors, a short
 last vector, a full and a partial 64-column tape block, and the tape's 16-row tiles with a
-remainder are all exercised) and is compared with its torch twin (:mod:`l2o.kernels.twin`). A
+remainder, and the MLP rule's vectors, factored matrices with rows shorter and longer than a
+vector, several instances, and its specialised and general network are all exercised) and is compared with its torch twin (:mod:`l2o.kernels.twin`). A
 library miscompiled (for example by a compiler in fast-math mode, which breaks the exp of
 ``lstm_gates.c``) or built for the wrong machine fails here, and l2o runs torch instead. The
 whole test takes a few milliseconds.
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import twin
 from .twin import AUTOGRAD, lstm_cell
 
 __all__ = ["TOLERANCE", "check"]
@@ -146,14 +148,44 @@ def _tape(tape: Callable[..., Any], gen: torch.Generator) -> str | None:
             or _compare("l2o_tape_state_f32", (h, c), want[1:3]) or _compare("l2o_tape_backward_f32", grads, want[3:]))
 
 
+def _mlp_case(kernel: Any, gen: torch.Generator, hidden: int, layers: int, residual: bool) -> str | None:
+    shapes = [((1, 37, 1, 37, 0, 0), (37,)), ((1, 35, 5, 7, 1, 1), (5, 7)), ((2, 66, 3, 22, 1, 2), (2, 3, 2, 11)),
+              ((3, 5, 1, 5, 0, 0), (3, 5))]
+    first = _randn(3, hidden, 13, gen=gen, scale=0.5)
+    hid = _randn(layers - 1, hidden, hidden + 1, gen=gen, scale=0.5)
+    last = _randn(2, hidden + 1, gen=gen, scale=0.5)
+    coef = (0.1, 0.01, 0.001, 0.999, 0.001, 0.01, 1 / 0.271, 1 / 0.0297, 1 / 0.003, 1 / 0.003, 1 / 0.003,
+            (1 / 0.003) ** 0.5, 1e-8, 1e-3, 0.2, float(residual))
+    inputs = []
+    for dims, shape in shapes:
+        I, n, R, C, factored, _ = dims
+        g, p = _randn(*shape, gen=gen, scale=2.0), _randn(*shape, gen=gen)
+        g.view(-1)[0] = 1e20  # clipped
+        ms = [_randn(*shape, gen=gen, scale=0.3) for _ in range(3)]
+        v = _randn(*shape, gen=gen).square()
+        r = _randn(I, R, gen=gen).square() if factored else _empty(0)
+        c = _randn(I, C, gen=gen).square() if factored else _empty(0)
+        inputs.append((dims, (g, p, *ms, v, r, c)))
+    results = []
+    for fn in (kernel.update, twin.mlp_update):
+        entries = [(dims, (*(t.clone() for t in ts), _empty(*ts[0].shape))) for dims, ts in inputs]
+        fn(entries, coef, first, hid, last)
+        results.append(tuple(t for _, ts in entries for t in ts[2:]))
+    return _compare(f"l2o_mlp_update_f32 (H={hidden}, {layers} layers)", *results)
+
+
+def _mlp(kernel: Any, gen: torch.Generator) -> str | None:
+    return _mlp_case(kernel, gen, 8, 1, True) or _mlp_case(kernel, gen, 5, 3, False)
+
+
 @torch.no_grad()
-def check(cell: Callable[..., None], autograd: Any, tape: Callable[..., Any]) -> str | None:
+def check(cell: Callable[..., None], autograd: Any, tape: Callable[..., Any], mlp: Any) -> str | None:
     """Run the kernels once against their twins: ``cell`` has :func:`l2o.kernels.lstm_cell`'s
-    ``cell`` contract, ``autograd`` is an :class:`~l2o.kernels.LSTMAutograd` and ``tape(steps,
-    features, hidden, layers, n)`` makes a :class:`~l2o.kernels.TapeKernel`. Returns ``None`` if
-    all agree, else what failed: the entry point and its error (or the exception it raised)."""
+    ``cell`` contract, ``autograd`` is an :class:`~l2o.kernels.LSTMAutograd`, ``tape(steps,
+    features, hidden, layers, n)`` makes a :class:`~l2o.kernels.TapeKernel` and ``mlp`` is an
+    :class:`~l2o.kernels.MLPKernel`. Returns ``None`` if all agree, else what failed: the entry point and its error (or the exception it raised)."""
     gen = torch.Generator(device="cpu").manual_seed(0)  # the global random state is left alone
-    for part, kernel in ((_cell, cell), (_autograd, autograd), (_tape, tape)):
+    for part, kernel in ((_cell, cell), (_autograd, autograd), (_tape, tape), (_mlp, mlp)):
         try:
             problem = part(kernel, gen)
         except Exception as exc:  # a kernel that raises fails the test; l2o then runs torch

@@ -18,9 +18,10 @@ with :math:`\tanh(x) = 2\sigma(2x) - 1` throughout (``tanh`` is several times sl
     \delta a = [\delta c\, g\, i(1-i);\ \delta c\, c\, f(1-f);\ \delta h \tanh c'\, o(1-o);\
     \delta c\, i\, (1-g^2)], \quad \delta c_{\text{old}} = \delta c\, f.
 
-:func:`lstm_cell` is the twin of :func:`l2o.kernels.lstm_cell`'s ``cell`` and :data:`AUTOGRAD` of
-:func:`l2o.kernels.lstm_autograd`'s forward and backward. Every function works in place on the
-tensors it is given, for any float dtype and device.
+:func:`lstm_cell` is the twin of :func:`l2o.kernels.lstm_cell`'s ``cell``, :data:`AUTOGRAD` of
+:func:`l2o.kernels.lstm_autograd`'s forward and backward, and :func:`mlp_update` of
+:meth:`l2o.kernels.MLPKernel.update` (one step of :class:`l2o.MLPRule` on whole tensors). Every
+function works in place on the tensors it is given, for any float dtype and device.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["gates_", "gates_backward_", "lstm_cell", "Autograd", "AUTOGRAD"]
+__all__ = ["gates_", "gates_backward_", "lstm_cell", "Autograd", "AUTOGRAD", "mlp_update"]
 
 
 def gates_(gates: Tensor, c: Tensor, c_new: Tensor, tanh_c: Tensor, h: Tensor) -> None:
@@ -120,3 +121,48 @@ class Autograd(NamedTuple):
 
 #: The twin of the meta-training kernels (it has no state).
 AUTOGRAD = Autograd()
+
+
+def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Tensor, last: Tensor) -> None:
+    r"""The twin of :meth:`l2o.kernels.MLPKernel.update` (same arguments and contract): one step of
+    :class:`l2o.MLPRule` on whole tensors, the accumulators updated in place and each update
+    written to its ``u`` (the math of :mod:`l2o.rules.mlp`)."""
+    from ..rules.mlp import FEATURE_CLIP, GRAD_CLIP, MAGNITUDE_CLIP, NUM_FEATURES, TINY
+
+    w1, w2, w3, beta_v, w_v, w_f, ib1, ib2, ib3, ibv, ibf, sq, eps, lr, log_lr, residual = coef
+    F, H = NUM_FEATURES, first.shape[1]
+    for (I, n, R, C, factored, rank), (g, p, m1, m2, m3, v, r, c, u) in entries:
+        g = g.reshape(I, n).clamp(-GRAD_CLIP, GRAD_CLIP)
+        p, v = p.reshape(I, n), v.view(I, n)
+        ms = [m.view(I, n) for m in (m1, m2, m3)]
+        for m, w in zip(ms, (w1, w2, w3)):
+            m.lerp_(g, w)
+        v.mul_(beta_v).addcmul_(g, g, value=w_v)
+        sums = torch.stack([(x * x).sum(-1) for x in (g, p, *ms)] + [v.sum(-1)], dim=-1)
+        mean = sums * (1.0 / max(n, 1))
+        s = torch.rsqrt(torch.cat((mean[:, :5], (mean[:, 5:] + TINY) * ibv), dim=1) + TINY).unsqueeze(-1)
+        sigma = torch.sqrt(v + TINY) * sq
+        inv = torch.reciprocal(sigma + eps)
+        adam = ms[0] * inv
+        fac_g, fac_m = g * inv, adam * ib1
+        if factored:
+            g2 = (g * g).view(I, R, C)
+            r2, c2 = r.view(I, R), c.view(I, C)
+            r2.lerp_(g2.sum(-1) * (1.0 / max(C, 1)), w_f)
+            c2.lerp_(g2.sum(-2) * (1.0 / max(R, 1)), w_f)
+            alpha = torch.rsqrt(r2 / (r2.sum(-1, keepdim=True) * (1.0 / max(R, 1)) + TINY) + TINY)
+            gamma = torch.reciprocal(torch.sqrt(c2 * ibf + TINY) + eps)
+            rho = (alpha.unsqueeze(-1) * gamma.unsqueeze(-2)).reshape(I, n)
+            fac_g, fac_m = g * rho, ms[0] * rho * ib1
+        rows = [g * s[:, 0], p * s[:, 1], ms[0] * s[:, 2], ms[1] * s[:, 3], ms[2] * s[:, 4], sigma * s[:, 5],
+                adam * ib1, ms[1] * inv * ib2, ms[2] * inv * ib3, g * inv, fac_g, fac_m]
+        x = torch.stack(rows, dim=1).clamp(-FEATURE_CLIP, FEATURE_CLIP)  # (I, F, n)
+        h = torch.relu(torch.matmul(first[rank, :, :F], x) + first[rank, :, F:])
+        for w in hidden:
+            h = torch.relu(torch.matmul(w[:, :H], h) + w[:, H:])
+        out = torch.matmul(last[:, :H], h) + last[:, H:]
+        direction, magnitude = out[:, 0], out[:, 1]
+        if residual:
+            direction = direction + adam * ib1
+        step = torch.exp(magnitude.clamp(-MAGNITUDE_CLIP, MAGNITUDE_CLIP) + log_lr) * direction * -lr
+        u.view(I, n).copy_(step)

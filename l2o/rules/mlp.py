@@ -77,9 +77,12 @@ over a tensor is symmetric in its coordinates; the factored ones in its rows and
 
 :meth:`MLPRule.update` computes a step on whole tensors, differentiably (meta-training);
 :meth:`MLPRule.update_` (what :class:`l2o.LearnedOptimizer` calls) is the same math without
-autograd, the accumulators updated in place with ``torch._foreach_*`` ops across all tensors of the
-call, and the network run on blocks of at most :data:`BLOCK_COORDINATES` coordinates, so no
-``features x N`` matrix of a large tensor is ever allocated. Both trace with
+autograd, the accumulators updated in place. On float32 CPU tensors it runs the compiled kernel
+:func:`l2o.kernels.mlp_update` (``mlp_rule.c``: one call for all tensors of the call, two passes
+over each tensor, the features and the network of every coordinate in registers); elsewhere (other
+dtypes or devices, ``L2O_KERNELS=0``, no C compiler, inside :func:`torch.compile`) torch ops on
+blocks of at most :data:`BLOCK_COORDINATES` coordinates, so no ``features x N`` matrix of a large
+tensor is ever allocated. Both agree up to float rounding, and both trace with
 ``torch.compile(fullgraph=True)``.
 """
 
@@ -91,6 +94,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..tree import Params
 from .base import Rule, check_bool, check_hyperparameter, check_params, check_positive_int, check_update_args
 
@@ -440,7 +444,12 @@ class MLPRule(Rule):
                 total_steps: int | None = None) -> tuple[Params, MLPState]:
         """:meth:`update` without autograd, overwriting ``state``'s tensors (equal up to float rounding).
 
-        Each tensor is walked twice in blocks of at most :data:`BLOCK_COORDINATES` coordinates (whole
+        When the rule, every param, gradient and state tensor are float32 CPU tensors (contiguous)
+        and the compiled kernels are available (:mod:`l2o.kernels`; not under
+        :func:`torch.compile`), one call of :func:`l2o.kernels.mlp_update` does the whole step: per
+        tensor a pass that updates the accumulators and sums the normalisers' squares, then a pass
+        that computes each coordinate's features, network and update in registers. Otherwise each
+        tensor is walked twice in blocks of at most :data:`BLOCK_COORDINATES` coordinates (whole
         rows of a factored tensor where they fit): the first pass updates its accumulators in place
         and sums the squares the normalisers need, the second computes the features, runs the network
         (one matrix product per layer and block) and writes the update. Every intermediate lives in
@@ -458,6 +467,9 @@ class MLPRule(Rule):
             return {}, state
         consts = self._consts(step)
         biases = self._biases(self._context(step, total))
+        compiled = self._compiled_kernel(grads, state, params)
+        if compiled is not None:
+            return self._update_compiled(compiled, grads, state, params, layouts, consts, biases), state
         device = next(iter(params.values())).device
         work = _Workspace(self, max(min(lay.n, BLOCK_COORDINATES) for lay in layouts.values()), biases, consts,
                           dtype, device)
@@ -482,6 +494,50 @@ class MLPRule(Rule):
                 work.step(*block, factors, scales[i], lay.rank, u[i, start:end])
             updates[k] = u.reshape(param.shape).to(param.dtype)
         return updates, state
+
+    def _compiled_kernel(self, grads: Params, state: MLPState, params: Params) -> kernels.MLPKernel | None:
+        """The compiled kernel, if it is available and every tensor of the step fits it (float32,
+        CPU, contiguous), else ``None``."""
+        if self._dtype() != torch.float32 or self.out_weight.device.type != "cpu":
+            return None
+        compiled = kernels.mlp_update(self.hidden_size)
+        if compiled is None:
+            return None
+        for k, p in params.items():
+            for t in (p, grads[k], *(m[k] for m in state.momentum), state.second_moment[k], state.row[k],
+                      state.col[k]):
+                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                    return None
+        return compiled
+
+    def _update_compiled(self, compiled: kernels.MLPKernel, grads: Params, state: MLPState, params: Params,
+                         layouts: dict[str, _Layout], consts: tuple[float, ...], biases: list[Tensor]) -> Params:
+        """:meth:`update_`'s step in one call of the compiled kernel (see :meth:`l2o.kernels.MLPKernel.update`)."""
+        H = self.hidden_size
+        first = torch.stack([torch.cat((self.input_weight, b), dim=1) for b in biases])  # (3, H, F + 1)
+        if self.hidden_layers > 1:
+            hidden = torch.stack([torch.cat((w, b.unsqueeze(1)), dim=1)
+                                  for w, b in zip(self.hidden_weights, self.hidden_biases)])
+        else:
+            hidden = torch.empty(0, H, H + 1)
+        mult = torch.tensor([[1.0], [self.exp_mult]], dtype=torch.float32)
+        last = torch.cat((self.out_weight, self.out_bias.unsqueeze(1)), dim=1) * mult  # (2, H + 1)
+        bc1, bc2, bc3, bcv, bcf = consts
+        b1, b2, b3 = self.momentum_decays
+        bv = self.second_moment_decay
+        coef = (1.0 - b1, 1.0 - b2, 1.0 - b3, bv, 1.0 - bv, 1.0 - self.factored_decay, 1.0 / bc1, 1.0 / bc2,
+                1.0 / bc3, 1.0 / bcv, 1.0 / bcf, math.sqrt(1.0 / bcv), self.eps, self.lr, float(self.log_lr_offset),
+                float(self.residual))
+        updates: Params = {}
+        entries: list[kernels.MLPEntry] = []
+        for k, param in params.items():
+            lay = layouts[k]
+            u = updates[k] = torch.empty(param.shape, dtype=torch.float32)
+            entries.append(((lay.instances, lay.n, lay.rows, lay.cols, int(lay.factored), lay.rank),
+                            (grads[k], param, *(m[k] for m in state.momentum), state.second_moment[k],
+                             state.row[k], state.col[k], u)))
+        compiled.update(entries, coef, first, hidden, last)
+        return updates
 
 
 def _blocks(lay: _Layout) -> list[tuple[int, int, int, int, int, int, int]]:
