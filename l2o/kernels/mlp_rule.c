@@ -30,6 +30,7 @@
 
 #define MLP_F 12          /* features per coordinate (NUM_FEATURES) */
 #define MLP_HMAX 128      /* widest hidden layer served (l2o/kernels/__init__.py checks) */
+#define MLP_WLOCAL 4096   /* weights (floats) copied to the stack for phase 3, at most */
 #define MLP_CHUNK 4096    /* coordinates per parallel task of phase 3 (a multiple of every L2O_LANES) */
 #define MLP_GROUP 8192    /* coordinates per group of phase 1, at least */
 #define MLP_GROUPS 16     /* groups per instance, at most */
@@ -55,22 +56,34 @@ enum {
     C_EPS, C_LR, C_LOG_LR, C_RESIDUAL, C_COUNT
 };
 
+/* x in every lane (l2o_splat's 0 + x is an addition the compiler must keep, for x = -0) */
+L2O_INLINE l2o_vec mlp_splat(float x) {
+#if L2O_AVX512
+    return (l2o_vec)_mm512_set1_ps(x);
+#else
+    l2o_vec r;
+    for (int k = 0; k < L2O_LANES; ++k) r[k] = x;
+    return r;
+#endif
+}
+
 /* clip to +-c; NaN stays NaN (comparisons with NaN are false) */
 L2O_INLINE l2o_vec mlp_clip(l2o_vec x, float c) {
-    const l2o_ivec hi = x > l2o_splat(c), lo = x < l2o_splat(-c);
-    return (l2o_vec)((hi & (l2o_ivec)l2o_splat(c)) | (lo & (l2o_ivec)l2o_splat(-c)) | (~(hi | lo) & (l2o_ivec)x));
+    const l2o_vec cv = mlp_splat(c), ncv = mlp_splat(-c);
+    const l2o_ivec hi = x > cv, lo = x < ncv;
+    return (l2o_vec)((hi & (l2o_ivec)cv) | (lo & (l2o_ivec)ncv) | (~(hi | lo) & (l2o_ivec)x));
 }
 
 /* max(x, 0); NaN stays NaN, as in torch */
 L2O_INLINE l2o_vec mlp_relu(l2o_vec x) {
-    const l2o_ivec neg = x < l2o_splat(0.0f);
+    const l2o_ivec neg = x < mlp_splat(0.0f);
     return (l2o_vec)(~neg & (l2o_ivec)x);
 }
 
 /* torch.lerp(m, g, w) for a scalar weight w: m + w (g - m) if |w| < 1/2, else g - (g - m)(1 - w) */
 L2O_INLINE l2o_vec mlp_lerp(l2o_vec m, l2o_vec g, float w) {
     const l2o_vec d = g - m;
-    return w < 0.5f ? l2o_fma(l2o_splat(w), d, m) : l2o_fnma(d, l2o_splat(1.0f - w), g);
+    return w < 0.5f ? l2o_fma(mlp_splat(w), d, m) : l2o_fnma(d, mlp_splat(1.0f - w), g);
 }
 
 L2O_INLINE l2o_dvec mlp_wide(l2o_vec x) { return __builtin_convertvector(x, l2o_dvec); }
@@ -81,46 +94,59 @@ L2O_INLINE double mlp_hsum(l2o_dvec x) {
     return s;
 }
 
+/* One vector of phase 1 at offset j (its first w lanes, if w < L2O_LANES). */
+L2O_INLINE void mlp_accumulate_vec(const float *restrict gp, const float *restrict pp, float *restrict m1,
+                                   float *restrict m2, float *restrict m3, float *restrict vp, const float cf[5],
+                                   int64_t j, int64_t w, l2o_dvec acc[6], l2o_dvec *gsum, double *restrict cs) {
+    const l2o_vec g = mlp_clip(l2o_load(gp + j, w), MLP_GRAD_CLIP), p = l2o_load(pp + j, w);
+    const l2o_vec a = mlp_lerp(l2o_load(m1 + j, w), g, cf[0]), b = mlp_lerp(l2o_load(m2 + j, w), g, cf[1]);
+    const l2o_vec c = mlp_lerp(l2o_load(m3 + j, w), g, cf[2]);
+    const l2o_vec g2 = g * g;
+    const l2o_vec v = l2o_fma(mlp_splat(cf[4]), g2, l2o_load(vp + j, w) * mlp_splat(cf[3]));
+    l2o_store(m1 + j, a, w);
+    l2o_store(m2 + j, b, w);
+    l2o_store(m3 + j, c, w);
+    l2o_store(vp + j, v, w);
+    const l2o_dvec dg2 = mlp_wide(g2);
+    acc[0] += dg2;
+    acc[1] += mlp_wide(p * p);
+    acc[2] += mlp_wide(a * a);
+    acc[3] += mlp_wide(b * b);
+    acc[4] += mlp_wide(c * c);
+    acc[5] += mlp_wide(v);
+    *gsum += dg2;
+    if (cs) {
+        if (w >= L2O_LANES) {
+            l2o_dvec x;
+            memcpy(&x, cs, sizeof x);
+            x += dg2;
+            memcpy(cs, &x, sizeof x);
+        } else {
+            for (int64_t k = 0; k < w; ++k) cs[k] += dg2[k];
+        }
+    }
+}
+
 /* Phase 1 on the coordinates [j0, j1) of one instance (its pointers already offset): updates the
  * momenta and v, adds to the six lane sums, and (factored: colsum not NULL) adds g^2 to
- * colsum[b0 ...] lane by lane. Returns the lane sums of g^2 (a row's sum, when the run is a row). */
+ * colsum[0 ...] lane by lane. Returns the lane sums of g^2 (a row's sum, when the run is a row). */
 static l2o_dvec mlp_accumulate_run(float *const *t, const float *coef, int64_t j0, int64_t j1, l2o_dvec acc[6],
                                    double *colsum) {
     const float *gp = t[P_G], *pp = t[P_P];
     float *m1 = t[P_M1], *m2 = t[P_M2], *m3 = t[P_M3], *vp = t[P_V];
-    const float w1 = coef[C_W1], w2 = coef[C_W2], w3 = coef[C_W3], bv = coef[C_BV], wv = coef[C_WV];
-    l2o_dvec gsum = {0};
-    for (int64_t j = j0; j < j1; j += L2O_LANES) {
-        const int64_t w = j1 - j;
-        const l2o_vec g = mlp_clip(l2o_load(gp + j, w), MLP_GRAD_CLIP), p = l2o_load(pp + j, w);
-        const l2o_vec a = mlp_lerp(l2o_load(m1 + j, w), g, w1), b = mlp_lerp(l2o_load(m2 + j, w), g, w2);
-        const l2o_vec c = mlp_lerp(l2o_load(m3 + j, w), g, w3);
-        const l2o_vec g2 = g * g;
-        const l2o_vec v = l2o_fma(l2o_splat(wv), g2, l2o_load(vp + j, w) * bv);
-        l2o_store(m1 + j, a, w);
-        l2o_store(m2 + j, b, w);
-        l2o_store(m3 + j, c, w);
-        l2o_store(vp + j, v, w);
-        const l2o_dvec dg2 = mlp_wide(g2);
-        acc[0] += dg2;
-        acc[1] += mlp_wide(p * p);
-        acc[2] += mlp_wide(a * a);
-        acc[3] += mlp_wide(b * b);
-        acc[4] += mlp_wide(c * c);
-        acc[5] += mlp_wide(v);
-        gsum += dg2;
-        if (colsum) {
-            double *cs = colsum + (j - j0);
-            if (w >= L2O_LANES) {
-                l2o_dvec x;
-                memcpy(&x, cs, sizeof x);
-                x += dg2;
-                memcpy(cs, &x, sizeof x);
-            } else {
-                for (int64_t k = 0; k < w; ++k) cs[k] += dg2[k];
-            }
-        }
+    const float cf[5] = {coef[C_W1], coef[C_W2], coef[C_W3], coef[C_BV], coef[C_WV]};
+    l2o_dvec a[6] = {acc[0], acc[1], acc[2], acc[3], acc[4], acc[5]}, gsum = {0};
+    int64_t j = j0;
+    if (colsum) {
+        for (; j + L2O_LANES <= j1; j += L2O_LANES)
+            mlp_accumulate_vec(gp, pp, m1, m2, m3, vp, cf, j, L2O_LANES, a, &gsum, colsum + (j - j0));
+        if (j < j1) mlp_accumulate_vec(gp, pp, m1, m2, m3, vp, cf, j, j1 - j, a, &gsum, colsum + (j - j0));
+    } else {
+        for (; j + L2O_LANES <= j1; j += L2O_LANES)
+            mlp_accumulate_vec(gp, pp, m1, m2, m3, vp, cf, j, L2O_LANES, a, &gsum, NULL);
+        if (j < j1) mlp_accumulate_vec(gp, pp, m1, m2, m3, vp, cf, j, j1 - j, a, &gsum, NULL);
     }
+    for (int k = 0; k < 6; ++k) acc[k] = a[k];
     return gsum;
 }
 
@@ -194,96 +220,130 @@ static void mlp_scalars(float *const *t, const int64_t *d, const float *coef, in
     }
 }
 
-/* Phase 3 on one vector of coordinates: x the clipped features, w1 the (H, F + 1) first layer,
- * hid the L - 1 (H, H + 1) hidden layers, last the (2, H + 1) output layer; returns (a, b) via out. */
-L2O_INLINE void mlp_network(const l2o_vec *x, const float *w1, const float *hid, const float *last, int64_t H,
-                            int64_t L, l2o_vec *dir, l2o_vec *mag) {
+/* The network on one vector of coordinates: x the clipped features, w1 the (H, F + 1) first
+ * layer, hid the L - 1 (H, H + 1) hidden layers, last the (2, H + 1) output layer (biases in the
+ * last columns); the direction and the magnitude to *dir and *mag. */
+L2O_INLINE void mlp_network(const l2o_vec *x, const float *restrict w1, const float *restrict hid,
+                            const float *restrict last, int64_t H, int64_t L, l2o_vec *dir, l2o_vec *mag) {
     l2o_vec h[MLP_HMAX], h2[MLP_HMAX];
-    for (int64_t k = 0; k < H; ++k) h[k] = l2o_splat(w1[k * (MLP_F + 1) + MLP_F]);
+    for (int64_t k = 0; k < H; ++k) h[k] = mlp_splat(w1[k * (MLP_F + 1) + MLP_F]);
     for (int f = 0; f < MLP_F; ++f)
-        for (int64_t k = 0; k < H; ++k) h[k] = l2o_fma(l2o_splat(w1[k * (MLP_F + 1) + f]), x[f], h[k]);
+        for (int64_t k = 0; k < H; ++k) h[k] = l2o_fma(mlp_splat(w1[k * (MLP_F + 1) + f]), x[f], h[k]);
     for (int64_t k = 0; k < H; ++k) h[k] = mlp_relu(h[k]);
     for (int64_t l = 0; l + 1 < L; ++l) {
         const float *w = hid + l * H * (H + 1);
-        for (int64_t k = 0; k < H; ++k) h2[k] = l2o_splat(w[k * (H + 1) + H]);
+        for (int64_t k = 0; k < H; ++k) h2[k] = mlp_splat(w[k * (H + 1) + H]);
         for (int64_t f = 0; f < H; ++f)
-            for (int64_t k = 0; k < H; ++k) h2[k] = l2o_fma(l2o_splat(w[k * (H + 1) + f]), h[f], h2[k]);
+            for (int64_t k = 0; k < H; ++k) h2[k] = l2o_fma(mlp_splat(w[k * (H + 1) + f]), h[f], h2[k]);
         for (int64_t k = 0; k < H; ++k) h[k] = mlp_relu(h2[k]);
     }
-    l2o_vec a = l2o_splat(last[H]), b = l2o_splat(last[2 * H + 1]);
+    l2o_vec a = mlp_splat(last[H]), b = mlp_splat(last[2 * H + 1]);
     for (int64_t k = 0; k < H; ++k) {
-        a = l2o_fma(l2o_splat(last[k]), h[k], a);
-        b = l2o_fma(l2o_splat(last[H + 1 + k]), h[k], b);
+        a = l2o_fma(mlp_splat(last[k]), h[k], a);
+        b = l2o_fma(mlp_splat(last[H + 1 + k]), h[k], b);
     }
     *dir = a;
     *mag = b;
 }
 
-/* Phase 3 on coordinates [j0, j1) of instance i (pointers t not yet offset). */
+/* What phase 3 reads besides the coordinates: the normalisers s_0..5, then 1/bc_1, 1/bc_2,
+ * 1/bc_3, sqrt(1/bc_v), eps, -lr, log_lr_offset (K_* below). */
+enum { K_IB1 = 6, K_IB2, K_IB3, K_SQ, K_EPS, K_NEG_LR, K_LOG_LR, K_COUNT };
+
+/* Phase 3 on one vector at offset j (its first w lanes, if w < L2O_LANES); rho the factored
+ * scale of its lanes (NULL: unfactored). */
+L2O_INLINE void mlp_step_vec(const float *restrict gp, const float *restrict pp, const float *restrict m1p,
+                             const float *restrict m2p, const float *restrict m3p, const float *restrict vp,
+                             float *restrict up, const float k_[K_COUNT], const l2o_vec *rho, int residual,
+                             const float *restrict w1, const float *restrict hid, const float *restrict last,
+                             int64_t H, int64_t L, int64_t j, int64_t w) {
+    const l2o_vec g = mlp_clip(l2o_load(gp + j, w), MLP_GRAD_CLIP), p = l2o_load(pp + j, w);
+    const l2o_vec m1 = l2o_load(m1p + j, w), m2 = l2o_load(m2p + j, w), m3 = l2o_load(m3p + j, w);
+    l2o_vec sg = l2o_load(vp + j, w) + MLP_TINY;
+#if L2O_AVX512
+    sg = (l2o_vec)_mm512_sqrt_ps((__m512)sg);
+#else
+    for (int k = 0; k < L2O_LANES; ++k) sg[k] = __builtin_sqrtf(sg[k]);
+#endif
+    sg = sg * k_[K_SQ];
+    const l2o_vec inv = 1.0f / (sg + k_[K_EPS]);
+    const l2o_vec adam = m1 * inv;
+    l2o_vec x[MLP_F];
+    x[0] = g * k_[0];
+    x[1] = p * k_[1];
+    x[2] = m1 * k_[2];
+    x[3] = m2 * k_[3];
+    x[4] = m3 * k_[4];
+    x[5] = sg * k_[5];
+    x[6] = adam * k_[K_IB1];
+    x[7] = (m2 * inv) * k_[K_IB2];
+    x[8] = (m3 * inv) * k_[K_IB3];
+    x[9] = g * inv;
+    if (rho) {
+        x[10] = g * *rho;
+        x[11] = (m1 * *rho) * k_[K_IB1];
+    } else {
+        x[10] = x[9];
+        x[11] = x[6];
+    }
+    for (int f = 0; f < MLP_F; ++f) x[f] = mlp_clip(x[f], MLP_FEATURE_CLIP);
+    l2o_vec dir, mag;
+    mlp_network(x, w1, hid, last, H, L, &dir, &mag);
+    mag = l2o_exp(mlp_clip(mag, MLP_MAGNITUDE_CLIP) + k_[K_LOG_LR]);
+    if (residual) dir = l2o_fma(adam, mlp_splat(k_[K_IB1]), dir);
+    l2o_store(up + j, (mag * dir) * k_[K_NEG_LR], w);
+}
+
+/* Phase 3 on coordinates [j0, j1) of instance i (pointers t not yet offset); s the instance's
+ * normalisers, alpha and gamma its factors (factored tensors). */
 L2O_INLINE void mlp_step_run(float *const *t, const int64_t *d, const float *coef, int64_t i, int64_t j0, int64_t j1,
                              const float *s, const float *alpha, const float *gamma, const float *w1,
                              const float *hid, const float *last, int64_t H, int64_t L) {
-    const int64_t n = d[D_N], C = d[D_COLS], factored = d[D_FACTORED];
+    const int64_t n = d[D_N], C = d[D_COLS], factored = d[D_FACTORED] && C > 0;
     const float *gp = t[P_G] + i * n, *pp = t[P_P] + i * n, *m1p = t[P_M1] + i * n, *m2p = t[P_M2] + i * n;
     const float *m3p = t[P_M3] + i * n, *vp = t[P_V] + i * n;
     float *up = t[P_U] + i * n;
-    const float ib1 = coef[C_INV_BC1], ib2 = coef[C_INV_BC2], ib3 = coef[C_INV_BC3];
-    const float sq = coef[C_SQRT_INV_BCV], eps = coef[C_EPS], neg_lr = -coef[C_LR], log_lr = coef[C_LOG_LR];
     const int residual = coef[C_RESIDUAL] != 0.0f;
-    int64_t a = factored && C ? j0 / C : 0, b = factored && C ? j0 % C : 0;
-    for (int64_t j = j0; j < j1; j += L2O_LANES) {
+    float k_[K_COUNT];
+    for (int k = 0; k < 6; ++k) k_[k] = s[k];
+    k_[K_IB1] = coef[C_INV_BC1], k_[K_IB2] = coef[C_INV_BC2], k_[K_IB3] = coef[C_INV_BC3];
+    k_[K_SQ] = coef[C_SQRT_INV_BCV], k_[K_EPS] = coef[C_EPS], k_[K_NEG_LR] = -coef[C_LR];
+    k_[K_LOG_LR] = coef[C_LOG_LR];
+    /* the weights in a local copy where they fit (the stores of the loop cannot alias it) */
+    float wl[MLP_WLOCAL];
+    const int64_t n1 = H * (MLP_F + 1), nh = (L - 1) * H * (H + 1), no = 2 * (H + 1);
+    if (n1 + nh + no <= MLP_WLOCAL) {
+        memcpy(wl, w1, (size_t)n1 * sizeof(float));
+        if (nh) memcpy(wl + n1, hid, (size_t)nh * sizeof(float));
+        memcpy(wl + n1 + nh, last, (size_t)no * sizeof(float));
+        w1 = wl, hid = wl + n1, last = wl + n1 + nh;
+    }
+    int64_t j = j0;
+    if (!factored) {
+        for (; j + L2O_LANES <= j1; j += L2O_LANES)
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, NULL, residual, w1, hid, last, H, L, j, L2O_LANES);
+        if (j < j1) mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, NULL, residual, w1, hid, last, H, L, j, j1 - j);
+        return;
+    }
+    int64_t a = j0 / C, b = j0 % C;
+    for (; j < j1; j += L2O_LANES) {
         const int64_t w = j1 - j;
-        const l2o_vec g = mlp_clip(l2o_load(gp + j, w), MLP_GRAD_CLIP), p = l2o_load(pp + j, w);
-        const l2o_vec m1 = l2o_load(m1p + j, w), m2 = l2o_load(m2p + j, w), m3 = l2o_load(m3p + j, w);
-        const l2o_vec v = l2o_load(vp + j, w);
-        l2o_vec sg;
-        {
-            l2o_vec vt = v + MLP_TINY;
-#if L2O_AVX512
-            sg = (l2o_vec)_mm512_sqrt_ps((__m512)vt);
-#else
-            for (int k = 0; k < L2O_LANES; ++k) sg[k] = __builtin_sqrtf(vt[k]);
-#endif
-            sg = sg * sq;
-        }
-        const l2o_vec inv = 1.0f / (sg + eps);
-        const l2o_vec adam = m1 * inv;
-        l2o_vec x[MLP_F];
-        x[0] = g * s[0];
-        x[1] = p * s[1];
-        x[2] = m1 * s[2];
-        x[3] = m2 * s[3];
-        x[4] = m3 * s[4];
-        x[5] = sg * s[5];
-        x[6] = adam * ib1;
-        x[7] = (m2 * inv) * ib2;
-        x[8] = (m3 * inv) * ib3;
-        x[9] = g * inv;
-        if (factored) {
-            l2o_vec rho;
-            if (b + L2O_LANES <= C) {
-                rho = l2o_splat(alpha[a]) * l2o_load(gamma + b, L2O_LANES);
-                b += L2O_LANES;
-                if (b == C) b = 0, ++a;
-            } else {
-                rho = l2o_splat(0.0f);
-                for (int64_t k = 0; k < L2O_LANES && k < w; ++k) {
-                    rho[k] = alpha[a] * gamma[b];
-                    if (++b == C) b = 0, ++a;
-                }
-            }
-            x[10] = g * rho;
-            x[11] = (m1 * rho) * ib1;
+        l2o_vec rho;
+        if (b + L2O_LANES <= C) { /* the vector lies in one row */
+            rho = mlp_splat(alpha[a]) * l2o_load(gamma + b, L2O_LANES);
+            b += L2O_LANES;
+            if (b == C) b = 0, ++a;
         } else {
-            x[10] = x[9];
-            x[11] = x[6];
+            rho = mlp_splat(0.0f);
+            for (int64_t k = 0; k < L2O_LANES && k < w; ++k) {
+                rho[k] = alpha[a] * gamma[b];
+                if (++b == C) b = 0, ++a;
+            }
         }
-        for (int f = 0; f < MLP_F; ++f) x[f] = mlp_clip(x[f], MLP_FEATURE_CLIP);
-        l2o_vec dir, mag;
-        mlp_network(x, w1, hid, last, H, L, &dir, &mag);
-        mag = l2o_exp(mlp_clip(mag, MLP_MAGNITUDE_CLIP) + log_lr);
-        if (residual) dir = l2o_fma(adam, l2o_splat(ib1), dir);
-        l2o_store(up + j, (mag * dir) * neg_lr, w);
+        if (w >= L2O_LANES)
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, &rho, residual, w1, hid, last, H, L, j, L2O_LANES);
+        else
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, &rho, residual, w1, hid, last, H, L, j, w);
     }
 }
 
