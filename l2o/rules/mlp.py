@@ -503,11 +503,15 @@ class MLPRule(Rule):
         compiled = kernels.mlp_update(self.hidden_size)
         if compiled is None:
             return None
-        for k, p in params.items():
-            for t in (p, grads[k], *(m[k] for m in state.momentum), state.second_moment[k], state.row[k],
-                      state.col[k]):
-                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-                    return None
+        cpu = torch.device("cpu")
+        for k, p in params.items():  # (update_ has checked that the state is contiguous, in the rule's dtype)
+            g = grads[k]
+            if (p.dtype != torch.float32 or g.dtype != torch.float32 or p.device != cpu or g.device != cpu
+                    or not (p.is_contiguous() and g.is_contiguous())):
+                return None
+            if any(t.device != cpu for t in (*(m[k] for m in state.momentum), state.second_moment[k], state.row[k],
+                                             state.col[k])):
+                return None
         return compiled
 
     def _update_compiled(self, compiled: kernels.MLPKernel, grads: Params, state: MLPState, params: Params,
