@@ -1,5 +1,6 @@
-"""The compiled LSTM kernels (l2o.kernels): same results as the torch path, on the default and the
-portable build; the load-time self-test, the cache folder checks and the fallbacks."""
+"""The compiled LSTM kernels (l2o.kernels; the MLP rule's: test_mlp_kernel.py): same results as the
+torch path, on the default and the portable build; the load-time self-test of every entry point, the
+cache folder checks and the fallbacks."""
 
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ def test_no_compiler_warns_once_and_falls_back(fresh_kernels, monkeypatch):
     torch.manual_seed(0)
     rule = LSTMRule()
     params = {"w": torch.randn(40)}
-    with pytest.warns(RuntimeWarning, match="could not build the compiled LSTM kernel"):
+    with pytest.warns(RuntimeWarning, match="could not build the compiled kernels"):
         got, _ = _run(rule, params, 2, 0, lambda t: 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -443,6 +444,14 @@ def _break(monkeypatch, entry):
     elif entry == "l2o_tape_forward_f32":
         real_forward = kernels.TapeKernel.forward
         monkeypatch.setattr(kernels.TapeKernel, "forward", lambda self, *a: real_forward(self, *a) + 1e-2)
+    elif entry == "l2o_mlp_update_f32":
+        real_update = kernels.MLPKernel.update
+
+        def wrong_update(self, entries, *args):
+            real_update(self, entries, *args)
+            for _, tensors in entries:
+                off(tensors[-1])
+        monkeypatch.setattr(kernels.MLPKernel, "update", wrong_update)
     else:
         real_backward = kernels.TapeKernel.backward
         monkeypatch.setattr(kernels.TapeKernel, "backward",
@@ -451,12 +460,12 @@ def _break(monkeypatch, entry):
 
 @needs_compiler
 @pytest.mark.parametrize("entry", ["l2o_lstm_cell_f32", "l2o_lstm_forward_f32", "l2o_lstm_backward_f32",
-                                   "l2o_tape_forward_f32", "l2o_tape_backward_f32"])
+                                   "l2o_tape_forward_f32", "l2o_tape_backward_f32", "l2o_mlp_update_f32"])
 def test_self_test_failure_warns_once_and_falls_back(reloaded_kernels, monkeypatch, entry):
     """A library whose entry point disagrees with the torch twin is not used: one warning naming
     the entry point, then the torch path."""
     _break(monkeypatch, entry)
-    expected = f"failed its self-test against torch \\({entry} differs from its torch twin"
+    expected = f"failed their self-test against torch \\({entry}.* differs from its torch twin"
     with pytest.warns(RuntimeWarning, match=expected):
         assert not kernels.is_available()
     with warnings.catch_warnings():
@@ -464,6 +473,7 @@ def test_self_test_failure_warns_once_and_falls_back(reloaded_kernels, monkeypat
         assert not kernels.is_available()  # no second warning, no second load
         assert kernels.lstm_cell(torch.zeros(8, 4), torch.zeros(2, 4), torch.zeros(2, 4)) is None
         assert kernels.lstm_tape(2, 1, 4, 2, 10) is None
+        assert kernels.mlp_update(8) is None
 
 
 @needs_compiler
@@ -471,7 +481,8 @@ def test_self_test_passes_on_the_real_library_and_is_repeatable(reloaded_kernels
     """The library as built passes, and the check leaves the global random state alone."""
     assert kernels.is_available()
     fns = kernels._kernel
-    args = (kernels._bind_cell(fns, 1), kernels.LSTMAutograd(fns, 1), lambda *d: kernels.TapeKernel(fns, *d, threads=1))
+    args = (kernels._bind_cell(fns, 1), kernels.LSTMAutograd(fns, 1), lambda *d: kernels.TapeKernel(fns, *d, threads=1),
+            kernels.MLPKernel(fns, 1))
     state = torch.random.get_rng_state()
     assert selftest.check(*args) is None and selftest.check(*args) is None
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -549,7 +560,7 @@ def test_both_folders_refused_falls_back_to_torch(cache_folders, monkeypatch):
     owned = f"owned by user id {uid}, not by this user ({uid + 1})"
     assert any(f"cache folder {primary}: it is {owned}" in m for m in messages)
     assert any(f"cache folder {fallback.with_name(f'l2o-kernels-{uid + 1}')}: it is {owned}" in m for m in messages)
-    assert any("could not build the compiled LSTM kernel" in m for m in messages)
+    assert any("could not build the compiled kernels" in m for m in messages)
 
 
 @needs_compiler

@@ -1,4 +1,4 @@
-r"""The torch twins of the compiled LSTM kernels: the same contracts, in torch.
+r"""The torch twins of the compiled kernels: the same contracts, in torch.
 
 What runs wherever the kernels do not (float64, CUDA, no C compiler, ``L2O_KERNELS=0``, inside
 :func:`torch.compile`), and what the kernels are checked against when they are loaded. The gate

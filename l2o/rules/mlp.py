@@ -189,6 +189,10 @@ class MLPRule(Rule):
     ``log_lr_offset`` (:math:`\lambda`). Layers
     are initialised :math:`\mathcal N(0, 1/\text{fan\_in})` with zero biases; the output layer is
     zero in the residual design.
+
+    :meth:`update_` (the drop-in optimizer's step) runs the compiled kernel of
+    :func:`l2o.kernels.mlp_update` on float32 CPU tensors (``hidden_size`` up to
+    :data:`l2o.kernels.MLP_MAX_HIDDEN`), and torch ops elsewhere; the two agree to float rounding.
     """
 
     name = "mlp"
