@@ -1,9 +1,10 @@
 """The numeric self-test a freshly loaded kernel library must pass before l2o uses it.
 
 Every entry point runs once on small random inputs (sizes chosen so that full vectors, a short
-last vector, a full and a partial 64-column tape block, and the tape's 16-row tiles with a
-remainder, and the MLP rule's vectors, factored matrices with rows shorter and longer than a
-vector, several instances, and its specialised and general network are all exercised) and is compared with its torch twin (:mod:`l2o.kernels.twin`). A
+last vector, a full and a partial 64-column tape block, the tape's 16-row tiles with a remainder,
+and the MLP rule's vectors, factored matrices with rows shorter and longer than a vector, several
+instances, a clipped gradient, and its specialised (width 8, one layer) and general network are
+all exercised) and is compared with its torch twin (:mod:`l2o.kernels.twin`). A
 library miscompiled (for example by a compiler in fast-math mode, which breaks the exp of
 ``lstm_gates.c``) or built for the wrong machine fails here, and l2o runs torch instead. The
 whole test takes a few milliseconds.
@@ -183,7 +184,8 @@ def check(cell: Callable[..., None], autograd: Any, tape: Callable[..., Any], ml
     """Run the kernels once against their twins: ``cell`` has :func:`l2o.kernels.lstm_cell`'s
     ``cell`` contract, ``autograd`` is an :class:`~l2o.kernels.LSTMAutograd`, ``tape(steps,
     features, hidden, layers, n)`` makes a :class:`~l2o.kernels.TapeKernel` and ``mlp`` is an
-    :class:`~l2o.kernels.MLPKernel`. Returns ``None`` if all agree, else what failed: the entry point and its error (or the exception it raised)."""
+    :class:`~l2o.kernels.MLPKernel`. Returns ``None`` if all agree, else what failed: the entry
+    point and its error (or the exception it raised)."""
     gen = torch.Generator(device="cpu").manual_seed(0)  # the global random state is left alone
     for part, kernel in ((_cell, cell), (_autograd, autograd), (_tape, tape), (_mlp, mlp)):
         try:
