@@ -115,3 +115,20 @@ def record_training_states(monkeypatch, directory):
 
     monkeypatch.setattr(trainer_module, "save_training_state", spy)
     return states
+
+
+def trained_mlp_rule(seed: int = 0, **kw):
+    """An ``l2o.MLPRule`` whose output layer is not zero (as after meta-training), so every weight
+    matters; biases off zero too, so no ReLU sits exactly at its kink for an all-zero input."""
+    from l2o import MLPRule
+
+    torch.manual_seed(seed)
+    rule = MLPRule(**kw)
+    with torch.no_grad():
+        rule.input_bias.normal_(0.0, 0.1)
+        for bias in rule.hidden_biases:
+            bias.normal_(0.0, 0.1)
+        rule.out_weight.normal_(0.0, 0.5)
+        rule.out_bias.normal_(0.0, 0.3)
+        rule.log_lr_offset.fill_(0.2)
+    return rule

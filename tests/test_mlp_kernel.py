@@ -17,26 +17,13 @@ from l2o import MLPRule, kernels
 from l2o.kernels import selftest, twin
 from l2o.tree import state_leaves
 from tests.test_kernels import needs_compiler, portable_library, variant  # noqa: F401 (fixtures)
+from tests.helpers import trained_mlp_rule
 
 #: Every kind of tensor the kernel distinguishes: a scalar, vectors, matrices with rows shorter and
 #: longer than a vector, a conv weight, an empty tensor, and tensors of several 4096-coordinate
 #: chunks and several phase-1 groups (more than 8192 coordinates), one of them with ragged rows.
 SHAPES = {"scale": (), "bias": (37,), "weight": (13, 21), "wide": (3, 50), "conv": (6, 4, 3, 3), "empty": (0, 4),
           "long": (20_001,), "big": (70, 301)}
-
-
-def _trained(seed: int = 0, **kw) -> MLPRule:
-    """A rule whose every weight matters (non-zero output layer, biases off zero)."""
-    torch.manual_seed(seed)
-    rule = MLPRule(**kw)
-    with torch.no_grad():
-        rule.input_bias.normal_(0.0, 0.1)
-        for bias in rule.hidden_biases:
-            bias.normal_(0.0, 0.1)
-        rule.out_weight.normal_(0.0, 0.5)
-        rule.out_bias.normal_(0.0, 0.3)
-        rule.log_lr_offset.fill_(0.2)
-    return rule
 
 
 def _generalist() -> MLPRule:
@@ -47,9 +34,9 @@ def _generalist() -> MLPRule:
 
 RULES = {
     "generalist": _generalist,
-    "trained": lambda: _trained(total_steps=6),
-    "two_layers": lambda: _trained(1, hidden_layers=2, hidden_size=5),
-    "plain": lambda: _trained(2, residual=False, hidden_size=11, exp_mult=0.5),
+    "trained": lambda: trained_mlp_rule(total_steps=6),
+    "two_layers": lambda: trained_mlp_rule(1, hidden_layers=2, hidden_size=5),
+    "plain": lambda: trained_mlp_rule(2, residual=False, hidden_size=11, exp_mult=0.5),
 }
 
 

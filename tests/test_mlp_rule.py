@@ -22,6 +22,7 @@ from l2o.tree import apply_updates, state_leaves
 from optimizees.mlp import MLPTask
 from optimizees.quadratic import QuadraticFamily
 from tests.conformance import check_rule
+from tests.helpers import trained_mlp_rule
 
 #: Params of every kind the rule distinguishes: a scalar, a vector, matrices (narrow and wide), a
 #: conv weight (out, in, kh, kw) and an empty tensor.
@@ -31,19 +32,6 @@ SHAPES = {"scale": (), "bias": (5,), "weight": (4, 3), "wide": (2, 13), "conv": 
 def _rule(seed: int = 0, **kw) -> MLPRule:
     torch.manual_seed(seed)
     return MLPRule(**kw)
-
-
-def _trained(seed: int = 0, **kw) -> MLPRule:
-    """A rule whose output layer is not zero (as after meta-training), so every weight matters."""
-    rule = _rule(seed, **kw)
-    with torch.no_grad():  # biases off zero too: no ReLU sits exactly at its kink for an all-zero input
-        rule.input_bias.normal_(0.0, 0.1)
-        for bias in rule.hidden_biases:
-            bias.normal_(0.0, 0.1)
-        rule.out_weight.normal_(0.0, 0.5)
-        rule.out_bias.normal_(0.0, 0.3)
-        rule.log_lr_offset.fill_(0.2)
-    return rule
 
 
 def _params(gen: torch.Generator, dtype=torch.float32, shapes=SHAPES) -> dict[str, torch.Tensor]:
@@ -68,11 +56,11 @@ def _run(rule, params, grads_seq, *, inplace: bool, **kw):
                                 {"residual": False, "exp_mult": 0.0}])
 def test_conforms(kw):
     check_rule(_rule(**kw).double())
-    check_rule(_trained(**kw).double())
+    check_rule(trained_mlp_rule(**kw).double())
 
 
 def test_conforms_in_float32():
-    check_rule(_trained(), dtype=torch.float32)
+    check_rule(trained_mlp_rule(), dtype=torch.float32)
 
 
 def test_registered_and_exported():
@@ -116,7 +104,7 @@ def test_bad_state_and_arguments_are_refused():
 
 
 def test_config_round_trip_and_checkpoint(tmp_path):
-    rule = _trained(hidden_size=5, hidden_layers=2, residual=False, lr=3e-3, exp_mult=0.5,
+    rule = trained_mlp_rule(hidden_size=5, hidden_layers=2, residual=False, lr=3e-3, exp_mult=0.5,
                     momentum_decays=(0.5, 0.9, 0.99), factored_decay=0.99, instance_dims=1, total_steps=40)
     twin = MLPRule(**rule.config())
     assert twin.config() == rule.config()
@@ -196,7 +184,7 @@ def test_untrained_plain_rule_takes_small_steps():
 def test_update_equals_update_in_place(monkeypatch, block, instance_dims):
     monkeypatch.setattr(mlp_module, "BLOCK_COORDINATES", block)
     shapes = SHAPES if instance_dims == 0 else {k: (2, *s) for k, s in SHAPES.items()}
-    rule = _trained(hidden_layers=2, total_steps=5, instance_dims=instance_dims).double()
+    rule = trained_mlp_rule(hidden_layers=2, total_steps=5, instance_dims=instance_dims).double()
     gen = torch.Generator().manual_seed(block)
     params = _params(gen, torch.float64, shapes)
     grads_seq = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
@@ -214,7 +202,7 @@ def test_update_equals_update_in_place(monkeypatch, block, instance_dims):
 def test_update_in_place_float32_low_precision_params(monkeypatch):
     """bfloat16 params and gradients (the drop-in's case): both paths compute in float32."""
     monkeypatch.setattr(mlp_module, "BLOCK_COORDINATES", 6)
-    rule = _trained()
+    rule = trained_mlp_rule()
     gen = torch.Generator().manual_seed(3)
     params = {k: v.to(torch.bfloat16) for k, v in _params(gen).items()}
     grads_seq = [{k: torch.randn(v.shape, generator=gen).to(torch.bfloat16) for k, v in params.items()}
@@ -228,7 +216,7 @@ def test_update_in_place_float32_low_precision_params(monkeypatch):
 
 
 def test_update_in_place_overwrites_the_state_and_allocates_no_new_one():
-    rule, gen = _trained(), torch.Generator().manual_seed(0)
+    rule, gen = trained_mlp_rule(), torch.Generator().manual_seed(0)
     params = _params(gen)
     state = rule.init(params)
     before = [t.data_ptr() for t in state_leaves(state)]
@@ -241,7 +229,7 @@ def test_update_in_place_overwrites_the_state_and_allocates_no_new_one():
 
 
 def test_separable_per_tensor():
-    rule, gen = _trained(total_steps=9), torch.Generator().manual_seed(0)
+    rule, gen = trained_mlp_rule(total_steps=9), torch.Generator().manual_seed(0)
     params = _params(gen)
     grads_seq = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(3)]
     together, _ = _run(rule, params, grads_seq, inplace=False)
@@ -255,7 +243,7 @@ def test_separable_per_tensor():
 @given(seed=st.integers(0, 2**16), rows=st.integers(1, 5), cols=st.integers(1, 6), inplace=st.booleans())
 def test_equivariant_to_permuting_rows_columns_and_coordinates(seed, rows, cols, inplace):
     """Permuting a matrix's rows and columns (or a vector's coordinates) permutes its updates."""
-    rule = _trained(seed % 7, total_steps=6).double()
+    rule = trained_mlp_rule(seed % 7, total_steps=6).double()
     gen = torch.Generator().manual_seed(seed)
     params = {"w": torch.randn(rows, cols, generator=gen, dtype=torch.float64),
               "b": torch.randn(rows * cols, generator=gen, dtype=torch.float64)}
@@ -281,7 +269,7 @@ def test_equivariant_to_permuting_rows_columns_and_coordinates(seed, rows, cols,
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("residual", [True, False])
 def test_finite_updates_for_extreme_and_zero_gradients(dtype, exponent, inplace, residual):
-    rule = _trained(residual=residual, total_steps=4).to(dtype)
+    rule = trained_mlp_rule(residual=residual, total_steps=4).to(dtype)
     gen = torch.Generator().manual_seed(0)
     params = _params(gen, dtype)
     grads_seq = []
@@ -340,7 +328,7 @@ def test_state_floats_per_parameter():
 
 
 def test_training_progress_and_total_steps():
-    rule, gen = _trained(residual=False), torch.Generator().manual_seed(0)
+    rule, gen = trained_mlp_rule(residual=False), torch.Generator().manual_seed(0)
     params = _params(gen)
     grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
     state = rule.init(params)
@@ -349,7 +337,7 @@ def test_training_progress_and_total_steps():
     unknown = rule.update(grads, state, params, step=3)[0]["weight"]
     known = rule.update(grads, state, params, step=3, total_steps=10)[0]["weight"]
     assert not torch.equal(unknown, known)
-    built = _trained(residual=False, total_steps=10)
+    built = trained_mlp_rule(residual=False, total_steps=10)
     assert torch.equal(built.update(grads, state, params, step=3)[0]["weight"], known)
     assert torch.equal(built.update(grads, state, params, step=3, total_steps=10)[0]["weight"], known)
     later = rule.update(grads, state, params, step=3, total_steps=1000)[0]["weight"]
@@ -399,7 +387,7 @@ def test_learned_optimizer_with_bfloat16_state_trains_a_model():
 def test_traces_with_torch_compile_fullgraph(monkeypatch, inplace):
     monkeypatch.setattr(mlp_module, "BLOCK_COORDINATES", 8)
     torch._dynamo.reset()
-    rule, gen = _trained(total_steps=20), torch.Generator().manual_seed(0)
+    rule, gen = trained_mlp_rule(total_steps=20), torch.Generator().manual_seed(0)
     params = {k: v for k, v in _params(gen).items() if k in ("weight", "wide", "bias", "conv")}
     grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
     fn = rule.update_ if inplace else rule.update
@@ -464,7 +452,7 @@ def _tiny_mlp_task(seed: int, dtype=torch.float32, activation: str = "relu") -> 
 @pytest.mark.parametrize("residual", [True, False])
 def test_second_order_meta_gradient_gradcheck(residual):
     task = _tiny_mlp_task(2, torch.float64, "tanh")  # smooth, with matrices and vectors
-    rule = _trained(1, hidden_size=3, hidden_layers=2, residual=residual, total_steps=3, instance_dims=1,
+    rule = trained_mlp_rule(1, hidden_size=3, hidden_layers=2, residual=residual, total_steps=3, instance_dims=1,
                     lr=0.05).double()
     fn, inputs = _meta_loss_fn(rule, task, 3, second_order=True)
     assert torch.autograd.gradcheck(fn, inputs)
@@ -472,7 +460,7 @@ def test_second_order_meta_gradient_gradcheck(residual):
 
 def test_first_order_meta_gradient_gradcheck():
     c = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    rule = _trained(2, hidden_size=3, residual=True, instance_dims=1, lr=0.05).double()
+    rule = trained_mlp_rule(2, hidden_size=3, residual=True, instance_dims=1, lr=0.05).double()
     fn, inputs = _meta_loss_fn(rule, _LinearTask(c), 3, second_order=False)
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -480,7 +468,7 @@ def test_first_order_meta_gradient_gradcheck():
 def test_first_order_meta_gradient_equals_explicit_objective():
     """The engine's first-order surrogate against the meta-loss written out with detached gradients."""
     task = QuadraticFamily(dim=4, num_functions=3, dtype=torch.float64).sample(torch.Generator().manual_seed(0))
-    rule = _trained(3, hidden_size=4, instance_dims=1, lr=0.05).double()
+    rule = trained_mlp_rule(3, hidden_size=4, instance_dims=1, lr=0.05).double()
     gen = torch.Generator().manual_seed(0)
     params = task.init(gen)
     result = unroll(rule, task, init_inner(rule, task, gen, params), steps=4, generator=gen)
