@@ -499,6 +499,17 @@ class MLPRule(Rule):
             updates[k] = u.reshape(param.shape).to(param.dtype)
         return updates, state
 
+    def _layer_matrices(self, biases: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The network's layers with their biases as a last column, as :meth:`update_` multiplies
+        them by a row of ones: the first layer per rank ``(H, F + 1)`` (its bias the rank's context
+        bias from :meth:`_biases`), the further layers ``(H, H + 1)``, and the output layer
+        ``(2, H + 1)`` with its magnitude row times ``exp_mult``."""
+        first = [torch.cat((self.input_weight, b), dim=1) for b in biases]
+        hidden = [torch.cat((w, b.unsqueeze(1)), dim=1) for w, b in zip(self.hidden_weights, self.hidden_biases)]
+        mult = torch.tensor([[1.0], [self.exp_mult]], dtype=self.out_weight.dtype, device=self.out_weight.device)
+        last = torch.cat((self.out_weight, self.out_bias.unsqueeze(1)), dim=1) * mult
+        return first, hidden, last
+
     def _compiled_kernel(self, grads: Params, state: MLPState, params: Params) -> kernels.MLPKernel | None:
         """The compiled kernel, if it is available and every tensor of the step fits it (float32,
         CPU, contiguous), else ``None``."""
@@ -522,14 +533,9 @@ class MLPRule(Rule):
                          layouts: dict[str, _Layout], consts: tuple[float, ...], biases: list[Tensor]) -> Params:
         """:meth:`update_`'s step in one call of the compiled kernel (see :meth:`l2o.kernels.MLPKernel.update`)."""
         H = self.hidden_size
-        first = torch.stack([torch.cat((self.input_weight, b), dim=1) for b in biases])  # (3, H, F + 1)
-        if self.hidden_layers > 1:
-            hidden = torch.stack([torch.cat((w, b.unsqueeze(1)), dim=1)
-                                  for w, b in zip(self.hidden_weights, self.hidden_biases)])
-        else:
-            hidden = torch.empty(0, H, H + 1)
-        mult = torch.tensor([[1.0], [self.exp_mult]], dtype=torch.float32)
-        last = torch.cat((self.out_weight, self.out_bias.unsqueeze(1)), dim=1) * mult  # (2, H + 1)
+        firsts, hiddens, last = self._layer_matrices(biases)
+        first = torch.stack(firsts)  # (3, H, F + 1)
+        hidden = torch.stack(hiddens) if hiddens else torch.empty(0, H, H + 1)
         bc1, bc2, bc3, bcv, bcf = consts
         b1, b2, b3 = self.momentum_decays
         bv = self.second_moment_decay
@@ -586,10 +592,7 @@ class _Workspace:
         self.out = torch.empty(2 * size, **new)
         self.g, self.p, self.sq, self.sigma, self.inv, self.adam, self.rho = (torch.empty(size, **new)
                                                                               for _ in range(7))
-        self.first = [torch.cat((rule.input_weight, b), dim=1) for b in biases]  # per rank, (H, F + 1)
-        self.hidden = [torch.cat((w, b.unsqueeze(1)), dim=1) for w, b in zip(rule.hidden_weights, rule.hidden_biases)]
-        mult = torch.tensor([[1.0], [rule.exp_mult]], **new)
-        self.last = torch.cat((rule.out_weight, rule.out_bias.unsqueeze(1)), dim=1) * mult  # (2, H + 1)
+        self.first, self.hidden, self.last = rule._layer_matrices(biases)
 
     def _inputs(self, g: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
         """The clipped gradient and the param of a block, in the rule's dtype (in the buffers)."""
