@@ -61,9 +61,9 @@ value; its rule state is kept if the rule computed a new one, and otherwise, the
 gone, reset to the rule's initial state with ``"step"`` 0 (the rule starts afresh on that tensor,
 as on a newly added parameter). A ``RuntimeWarning`` names the parameter (param group index,
 position in the group, shape, and its name when the group has ``param_names``), once per
-parameter. Each check is one fused pass (an ``aminmax`` per tensor, stacked: 0.16-0.25 ms for
-1.07M float32 coordinates on one CPU thread) and one host synchronisation per step and device:
-one for the gradients (rules that overwrite their state) and one for the updates.
+parameter. Each check is one fused pass (a sum per tensor, stacked; an exact ``aminmax`` only for
+a tensor whose sum is not finite) and one host synchronisation per step and device: one for the
+gradients (rules that overwrite their state) and one for the updates.
 
 Rule calls. A rule whose state is kept per tensor (``Rule.per_tensor_state``: every
 hand-designed rule) is called once per param group (and step count and device) with all of the
@@ -292,10 +292,24 @@ def _split_state(template: Any, state: Any, keys: list[str]) -> list[list[Any]]:
 def _finite_flags(tensors: list[Tensor]) -> Tensor:
     """Whether each of ``tensors`` (non-empty, on one device) is all finite, as one bool tensor.
 
-    A tensor is finite exactly when its min and max are (both are NaN if any entry is): one
-    ``aminmax`` per tensor (a vectorised pass, about two elementwise ops' time; ``isfinite().all()``
-    and the inf-norm took 80-100 times longer on a 1M-float CPU tensor) and one stack.
+    A tensor whose sum is finite is all finite (a NaN or Inf entry makes the sum NaN or Inf), so
+    one sum per tensor (accumulated in float32 at least, so that a half-precision tensor's sum does
+    not overflow) and one stack decide almost every step; a sum that is not finite is re-checked
+    exactly by the tensor's ``aminmax`` (both extremes are finite exactly when every entry is), so a
+    finite tensor whose sum overflows is not taken for a non-finite one. The sums took half the time
+    of an ``aminmax`` per tensor, which itself is 80-100 times faster than ``isfinite().all()`` or the
+    inf-norm on a 1M-float CPU tensor. Inside ``torch.compile`` (no host synchronisation) the exact
+    check runs on every tensor.
     """
+    if not torch.compiler.is_compiling():
+        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                            for t in tensors])
+        flags = sums.isfinite()
+        if bool(flags.all()):
+            return flags
+        for k in torch.nonzero(~flags).flatten().tolist():
+            flags[k] = torch.stack(torch.aminmax(tensors[k])).isfinite().all()
+        return flags
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
     return extremes.isfinite().all(dim=1)
 

@@ -395,6 +395,25 @@ def test_an_lstm_overflowing_from_finite_gradients_starts_afresh():
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in opt.state[p].items() if k != "step")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finite_values_whose_sum_overflows_are_finite(dtype):
+    """The finiteness check sums each tensor: a finite gradient and update whose sum overflows the
+    dtype (float32: 1000 entries of 1e36; float16: of 60000) are still finite, so the step is
+    written without a warning, while one Inf among them is caught."""
+    big = 1e36 if dtype == torch.float32 else 60000.0
+    p = nn.Parameter(torch.zeros(1000, dtype=dtype))
+    opt = l2o.LearnedOptimizer([p], rule=l2o.SGD(lr=1.0))
+    p.grad = torch.full((1000,), big, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(p.detach(), torch.full((1000,), -big, dtype=dtype))
+    p.grad[7] = math.inf
+    with pytest.warns(RuntimeWarning, match="is not finite"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.full((1000,), -big, dtype=dtype))
+
+
 # --------------------------------------------------------------------------- one call per group
 
 

@@ -88,6 +88,7 @@ tensor is ever allocated. Both agree up to float rounding, and both trace with
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -148,7 +149,8 @@ class _Layout(NamedTuple):
     rank: int  # 0: a scalar or vector, 1: a matrix, 2: three or more dimensions
 
 
-def _layout(shape: Sequence[int], instance_dims: int) -> _Layout:
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple[int, ...], instance_dims: int) -> _Layout:
     inst, rest = tuple(shape[:instance_dims]), tuple(shape[instance_dims:])
     instances, n = math.prod(inst), math.prod(rest)
     if len(rest) >= 2:
@@ -290,7 +292,7 @@ class MLPRule(Rule):
             raise ValueError(f"MLPRule.{where}: params[{key!r}] has {len(shape)} dimensions but the rule has "
                              f"instance_dims={self.instance_dims} (leading dimensions that index instances); "
                              "use a rule with fewer instance_dims for these params")
-        return _layout(shape, self.instance_dims)
+        return _layout(tuple(shape), self.instance_dims)
 
     def init(self, params: Params) -> MLPState:
         """Zero accumulators (in the rule's dtype, on each param's device; see :class:`MLPState`)."""
@@ -309,29 +311,64 @@ class MLPRule(Rule):
 
     def _check(self, grads: Params, state: Any, params: Params, step: Any, total_steps: Any,
                where: str) -> tuple[int | None, dict[str, _Layout]]:
-        """Check ``update``'s arguments; return the total steps to use and each tensor's layout."""
+        """Check ``update``'s arguments; return the total steps to use and each tensor's layout.
+        ``update_`` also needs every state tensor contiguous in the rule's dtype (checked here too)."""
         check_update_args(grads, params, step, rule="MLPRule")
         total = self._check_total_steps(total_steps) if total_steps is not None else self.total_steps
         if not (isinstance(state, MLPState) and isinstance(state.momentum, tuple)
                 and len(state.momentum) == len(self.momentum_decays)):
             raise TypeError(f"MLPRule.{where}: state must be the MLPState that MLPRule.init(params) returned, got "
                             f"{type(state).__name__}")
+        trees = (*state.momentum, state.second_moment, state.row, state.col)
+        if not all(isinstance(tree, dict) for tree in trees):
+            self._state_error(trees, next(iter(params), None), params, where)
+        in_place = where == "update_"
+        dtype = self._dtype()
         layouts = {}
         for k, p in params.items():
             lay = layouts[k] = self._layout_of(k, p.shape, where)
-            inst = tuple(p.shape[:self.instance_dims])
-            expected = [(f"momentum[{i}]", d, p.shape) for i, d in enumerate(state.momentum)]
-            expected += [("second_moment", state.second_moment, p.shape),
-                         ("row", state.row, inst + (lay.rows,) if lay.factored else (0,)),
-                         ("col", state.col, inst + (lay.cols,) if lay.factored else (0,))]
-            for field, tree, shape in expected:
-                t = tree.get(k) if isinstance(tree, dict) else None
-                if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape) or not t.is_floating_point():
-                    found = f"shape {tuple(t.shape)} ({t.dtype})" if isinstance(t, Tensor) else type(t).__name__
-                    raise ValueError(f"MLPRule.{where}: state.{field}[{k!r}] is {found}, but params[{k!r}] of shape "
-                                     f"{tuple(p.shape)} needs a floating tensor of shape {tuple(shape)}: call "
-                                     "rule.init(params) for these params")
+            shape = p.shape
+            for n, tree in enumerate(trees):
+                t = tree.get(k)
+                if not isinstance(t, Tensor):
+                    self._state_error(trees, k, params, where)
+                if n < len(trees) - 2:
+                    fits = t.shape == shape
+                else:
+                    fits = tuple(t.shape) == self._factored_shape(shape, lay, n == len(trees) - 2)
+                if not (fits and t.is_floating_point()):
+                    self._state_error(trees, k, params, where)
+                if in_place and (t.dtype != dtype or not t.is_contiguous()):
+                    raise ValueError(f"MLPRule.update_: state tensors must be contiguous {dtype} tensors (the rule's "
+                                     f"dtype, as init makes them), got a {'' if t.is_contiguous() else 'non-contiguous '}"
+                                     f"{t.dtype} one for params[{k!r}]; convert the state (or use update)")
         return total, layouts
+
+    def _factored_shape(self, shape: Sequence[int], lay: _Layout, rows: bool) -> tuple[int, ...]:
+        """The shape of a tensor's factored row (``rows``) or column statistic; ``(0,)`` if it has none."""
+        if not lay.factored:
+            return (0,)
+        return tuple(shape[:self.instance_dims]) + ((lay.rows,) if rows else (lay.cols,))
+
+    def _state_error(self, trees: Sequence[Any], key: str | None, params: Params, where: str) -> None:
+        """Raise the ``ValueError`` that names the first state entry of ``params[key]`` not as ``init`` makes it."""
+        names = [f"momentum[{i}]" for i in range(len(self.momentum_decays))] + ["second_moment", "row", "col"]
+        p = params[key] if key is not None else None
+        for n, (field, tree) in enumerate(zip(names, trees)):
+            if p is None:
+                if not isinstance(tree, dict):
+                    raise ValueError(f"MLPRule.{where}: state.{field} is {type(tree).__name__}, not a dict of "
+                                     "tensors keyed like the params: call rule.init(params) for these params")
+                continue
+            lay = self._layout_of(key, p.shape, where)
+            shape = tuple(p.shape) if n < len(names) - 2 else self._factored_shape(p.shape, lay, field == "row")
+            t = tree.get(key) if isinstance(tree, dict) else None
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+                found = f"shape {tuple(t.shape)} ({t.dtype})" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"MLPRule.{where}: state.{field}[{key!r}] is {found}, but params[{key!r}] of shape "
+                                 f"{tuple(p.shape)} needs a floating tensor of shape {shape}: call "
+                                 "rule.init(params) for these params")
+        raise ValueError(f"MLPRule.{where}: state does not match the params: call rule.init(params) for these params")
 
     # ------------------------------------------------------------------------------ the math
 
@@ -461,12 +498,6 @@ class MLPRule(Rule):
         State tensors must have the rule's dtype (as ``init`` makes them)."""
         total, layouts = self._check(grads, state, params, step, total_steps, "update_")
         dtype = self._dtype()
-        for tree in (*state.momentum, state.second_moment, state.row, state.col):
-            for k, t in tree.items():
-                if t.dtype != dtype or not t.is_contiguous():
-                    raise ValueError(f"MLPRule.update_: state tensors must be contiguous {dtype} tensors (the rule's "
-                                     f"dtype, as init makes them), got a {'' if t.is_contiguous() else 'non-contiguous '}"
-                                     f"{t.dtype} one for params[{k!r}]; convert the state (or use update)")
         if not params:
             return {}, state
         consts = self._consts(step)
