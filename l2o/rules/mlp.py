@@ -158,6 +158,16 @@ def _layout(shape: tuple[int, ...], instance_dims: int) -> _Layout:
     return _Layout(instances, n, False, 1, n, 0)
 
 
+@functools.lru_cache(maxsize=4096)
+def _factored_shapes(shape: tuple[int, ...], instance_dims: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of a tensor's factored row and column statistics (``(0,)`` each if it has none)."""
+    lay = _layout(shape, instance_dims)
+    if not lay.factored:
+        return (0,), (0,)
+    inst = shape[:instance_dims]
+    return inst + (lay.rows,), inst + (lay.cols,)
+
+
 def _bias_correction(beta: float, step: int) -> float:
     return 1.0 - beta ** (step + 1)
 
@@ -303,10 +313,10 @@ class MLPRule(Rule):
         second = {k: torch.zeros(p.shape, dtype=dtype, device=p.device) for k, p in params.items()}
         row, col = {}, {}
         for k, p in params.items():
-            lay = self._layout_of(k, p.shape, "init")
-            inst = tuple(p.shape[:self.instance_dims])
-            row[k] = torch.zeros(inst + (lay.rows,) if lay.factored else (0,), dtype=dtype, device=p.device)
-            col[k] = torch.zeros(inst + (lay.cols,) if lay.factored else (0,), dtype=dtype, device=p.device)
+            self._layout_of(k, p.shape, "init")
+            rows, cols = _factored_shapes(tuple(p.shape), self.instance_dims)
+            row[k] = torch.zeros(rows, dtype=dtype, device=p.device)
+            col[k] = torch.zeros(cols, dtype=dtype, device=p.device)
         return MLPState(momentum, second, row, col)
 
     def _check(self, grads: Params, state: Any, params: Params, step: Any, total_steps: Any,
@@ -319,56 +329,27 @@ class MLPRule(Rule):
                 and len(state.momentum) == len(self.momentum_decays)):
             raise TypeError(f"MLPRule.{where}: state must be the MLPState that MLPRule.init(params) returned, got "
                             f"{type(state).__name__}")
+        fields = [f"momentum[{i}]" for i in range(len(state.momentum))] + ["second_moment", "row", "col"]
         trees = (*state.momentum, state.second_moment, state.row, state.col)
-        if not all(isinstance(tree, dict) for tree in trees):
-            self._state_error(trees, next(iter(params), None), params, where)
         in_place = where == "update_"
         dtype = self._dtype()
         layouts = {}
         for k, p in params.items():
-            lay = layouts[k] = self._layout_of(k, p.shape, where)
-            shape = p.shape
-            for n, tree in enumerate(trees):
-                t = tree.get(k)
-                if not isinstance(t, Tensor):
-                    self._state_error(trees, k, params, where)
-                if n < len(trees) - 2:
-                    fits = t.shape == shape
-                else:
-                    fits = tuple(t.shape) == self._factored_shape(shape, lay, n == len(trees) - 2)
-                if not (fits and t.is_floating_point()):
-                    self._state_error(trees, k, params, where)
+            layouts[k] = self._layout_of(k, p.shape, where)
+            shape = tuple(p.shape)
+            shapes = (shape,) * (len(trees) - 2) + _factored_shapes(shape, self.instance_dims)
+            for field, tree, want in zip(fields, trees, shapes):
+                t = tree.get(k) if isinstance(tree, dict) else None
+                if not isinstance(t, Tensor) or t.shape != want or not t.is_floating_point():
+                    found = f"shape {tuple(t.shape)} ({t.dtype})" if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"MLPRule.{where}: state.{field}[{k!r}] is {found}, but params[{k!r}] of shape "
+                                     f"{shape} needs a floating tensor of shape {want}: call "
+                                     "rule.init(params) for these params")
                 if in_place and (t.dtype != dtype or not t.is_contiguous()):
                     raise ValueError(f"MLPRule.update_: state tensors must be contiguous {dtype} tensors (the rule's "
                                      f"dtype, as init makes them), got a {'' if t.is_contiguous() else 'non-contiguous '}"
                                      f"{t.dtype} one for params[{k!r}]; convert the state (or use update)")
         return total, layouts
-
-    def _factored_shape(self, shape: Sequence[int], lay: _Layout, rows: bool) -> tuple[int, ...]:
-        """The shape of a tensor's factored row (``rows``) or column statistic; ``(0,)`` if it has none."""
-        if not lay.factored:
-            return (0,)
-        return tuple(shape[:self.instance_dims]) + ((lay.rows,) if rows else (lay.cols,))
-
-    def _state_error(self, trees: Sequence[Any], key: str | None, params: Params, where: str) -> None:
-        """Raise the ``ValueError`` that names the first state entry of ``params[key]`` not as ``init`` makes it."""
-        names = [f"momentum[{i}]" for i in range(len(self.momentum_decays))] + ["second_moment", "row", "col"]
-        p = params[key] if key is not None else None
-        for n, (field, tree) in enumerate(zip(names, trees)):
-            if p is None:
-                if not isinstance(tree, dict):
-                    raise ValueError(f"MLPRule.{where}: state.{field} is {type(tree).__name__}, not a dict of "
-                                     "tensors keyed like the params: call rule.init(params) for these params")
-                continue
-            lay = self._layout_of(key, p.shape, where)
-            shape = tuple(p.shape) if n < len(names) - 2 else self._factored_shape(p.shape, lay, field == "row")
-            t = tree.get(key) if isinstance(tree, dict) else None
-            if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                found = f"shape {tuple(t.shape)} ({t.dtype})" if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"MLPRule.{where}: state.{field}[{key!r}] is {found}, but params[{key!r}] of shape "
-                                 f"{tuple(p.shape)} needs a floating tensor of shape {shape}: call "
-                                 "rule.init(params) for these params")
-        raise ValueError(f"MLPRule.{where}: state does not match the params: call rule.init(params) for these params")
 
     # ------------------------------------------------------------------------------ the math
 
