@@ -136,6 +136,15 @@ def test_cli_maml_sine(tmp_path, capsys):
     assert (tmp_path / "sine.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_maml_meta_lr_decay_reaches_the_trainer(tmp_path):
+    js = tmp_path / "d.json"
+    code = main(["maml", "--task", "sine", "--out", str(tmp_path / "d.pt"), "--json", str(js), "--iterations", "4",
+                 "--validate-every", "2", "--eval-tasks", "4", "--meta-lr-final", "1e-4", "--no-progress"])
+    assert code == 0
+    config = json.loads(js.read_text())["config"]
+    assert config["meta_lr"] == 1e-3 and config["meta_lr_final"] == 1e-4
+
+
 @pytest.mark.parametrize("argv, match", [
     (["maml", "--task", "rosenbrock", "--out", "x.pt"], "unknown task 'rosenbrock' for maml"),
     (["maml", "--task", "sine", "--out", "x.pt", "--state", "s.pt"], "--state needs --checkpoint-every"),

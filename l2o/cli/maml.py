@@ -65,6 +65,9 @@ def add_maml_parser(sub: Any) -> None:
                         "adaptation step then fits the head from the support set's features")
     p.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
     p.add_argument("--meta-lr", type=positive_float, default=1e-3, help="Adam meta learning rate (default 1e-3)")
+    p.add_argument("--meta-lr-final", type=positive_float, default=None,
+                   help="decay the meta learning rate to this value over the run (cosine in log space; "
+                        "default: constant)")
     p.add_argument("--max-grad-norm", type=nonnegative_float, default=10.0,
                    help="clip the meta-gradient's global norm (default 10; 0: off)")
     p.add_argument("--validate-every", type=positive_int, default=100, help="meta-iterations between validations")
@@ -215,7 +218,7 @@ def cmd_maml(args: argparse.Namespace) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, d[name])
         config = MetaTrainConfig(epochs=args.iterations, horizon=args.inner_steps, truncation=args.inner_steps,
-                                 meta_lr=args.meta_lr, meta_lr_final=None, max_grad_norm=args.max_grad_norm or None,
+                                 meta_lr=args.meta_lr, meta_lr_final=args.meta_lr_final, max_grad_norm=args.max_grad_norm or None,
                                  validate_every=args.validate_every, num_val_tasks=args.num_val_tasks, seed=args.seed,
                                  second_order=not args.first_order, step_weights="final", meta_split=META,
                                  compile=args.compile)
