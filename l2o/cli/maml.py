@@ -218,7 +218,8 @@ def cmd_maml(args: argparse.Namespace) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, d[name])
         config = MetaTrainConfig(epochs=args.iterations, horizon=args.inner_steps, truncation=args.inner_steps,
-                                 meta_lr=args.meta_lr, meta_lr_final=args.meta_lr_final, max_grad_norm=args.max_grad_norm or None,
+                                 meta_lr=args.meta_lr, meta_lr_final=args.meta_lr_final,
+                                 max_grad_norm=args.max_grad_norm or None,
                                  validate_every=args.validate_every, num_val_tasks=args.num_val_tasks, seed=args.seed,
                                  second_order=not args.first_order, step_weights="final", meta_split=META,
                                  compile=args.compile)
