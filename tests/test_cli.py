@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_meta_train_then_compare(tmp_path, capsys):
     (["meta-train", "--task", "rosenbrock", "--out", "x.pt"], "unknown task 'rosenbrock'; known tasks: generalist, mnist, quadratic"),
     (["meta-train", "--task", "quadratic", "--out", "x.pt", "--horizon", "10", "--truncation", "20"], "longer than the horizon"),
     (["compare", "--task", "quadratic", "--rule", "missing.pt"], "does not exist"),
+    (["compare", "--task", "quadratic", "--pretrained", "nope"], "unknown pretrained rule 'nope'"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, match):
     monkeypatch.chdir(tmp_path)
@@ -84,6 +86,23 @@ def test_argparse_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_compare_pretrained_is_the_shipped_checkpoint(tmp_path, capsys):
+    """``--pretrained NAME`` compares the shipped rule: the same learned row as ``--rule`` on its file."""
+    import l2o.pretrained
+
+    entry = next(e for e in l2o.list_pretrained() if e["name"] == "quadratic")
+    shipped = Path(l2o.pretrained.__file__).parent / entry["file"]
+    sizes = ["--horizon", "6", "--num-tasks", "5", "--num-tuning-tasks", "4", "--num-functions", "4"]
+    reports = []
+    for source in (["--pretrained", "quadratic"], ["--rule", str(shipped)]):
+        js = tmp_path / f"{len(reports)}.json"
+        code, out, _ = _run(capsys, "compare", "--task", "quadratic", *source, *sizes, "--no-progress", "--json", str(js))
+        assert code == 0 and "learned" in out
+        reports.append(json.loads(js.read_text()))
+    assert reports[0]["rule"] == "pretrained 'quadratic'"
+    assert reports[0]["results"]["learned"]["curve"] == reports[1]["results"]["learned"]["curve"]
 
 
 def test_malformed_checkpoint_is_one_line_exit_2(tmp_path, capsys):
@@ -240,6 +259,7 @@ def test_device_cuda_without_cuda_is_one_line_exit_2(tmp_path, capsys, monkeypat
                                   ["compare", "--task", "quadratic", "--plot", "r.gif"],
                                   ["evaluate", "--task", "quadratic"],
                                   ["evaluate", "--task", "quadratic", "--rule", "a.pt", "--pretrained", "quadratic"],
+                                  ["compare", "--task", "quadratic", "--rule", "a.pt", "--pretrained", "quadratic"],
                                   ["list-pretrained", "--bogus"]])
 def test_new_flags_bad_usage_exit_2(argv):
     with pytest.raises(SystemExit) as exc:

@@ -136,10 +136,14 @@ def add_compare_parser(sub: Any) -> None:
                         epilog="examples:\n"
                                "  l2o compare --task quadratic --rule runs/quadratic.pt --json r.json --plot r.png\n"
                                "  l2o compare --task quadratic --rule runs/quadratic.pt --horizon 200\n"
+                               "  l2o compare --task quadratic --pretrained quadratic\n"
                                "  l2o compare --task quadratic            # the tuned baselines alone",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(cp)
-    cp.add_argument("--rule", type=Path, default=None, help="checkpoint of the learned rule (omit: baselines only)")
+    source = cp.add_mutually_exclusive_group()
+    source.add_argument("--rule", type=Path, default=None, help="checkpoint of the learned rule (omit: baselines only)")
+    source.add_argument("--pretrained", default=None, metavar="NAME",
+                        help="a shipped pretrained rule by name instead (see l2o list-pretrained)")
     cp.add_argument("--horizon", type=positive_int, default=100, help="inner steps to evaluate (default 100)")
     cp.add_argument("--num-tasks", type=positive_int, default=None,
                     help="held-out instances (default 1000 quadratics, 100 mnist networks)")
@@ -322,6 +326,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..checkpoints import load_rule
+    from ..pretrained import load_pretrained
     from ..meta import compare
     from ..meta.evaluate import BASELINES, lr_grid
     from ..perf import configure_cpu
@@ -331,7 +336,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise UsageError("the generalist mixture is a meta-training distribution; its rule is evaluated on held-out "
                              "models by benchmarks/generalist.py (l2o compare takes --task quadratic or mnist)")
         device = resolve_device(args)
-        rule = load_rule(args.rule) if args.rule is not None else None
+        if args.pretrained is not None:
+            rule = load_pretrained(args.pretrained)
+        else:
+            rule = load_rule(args.rule) if args.rule is not None else None
         defaults = COMPARE_DEFAULTS.get(args.task, COMPARE_DEFAULTS["quadratic"])
         if args.task == "mnist":  # tune on the validation images, report on the test images
             if args.num_networks == 1:
@@ -360,6 +368,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report["device"] = str(device)
     if args.rule is not None:
         report["rule"] = str(args.rule)
+    elif args.pretrained is not None:
+        report["rule"] = f"pretrained {args.pretrained!r}"
     say(_table(report))
     write_outputs(args, report, lambda path: plot_report(report, path))
     return 0
