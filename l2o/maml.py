@@ -277,8 +277,8 @@ class MAML(nn.Module):
     def query_loss_batch(self, loss_fn: LossFn, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                          query_y: Tensor, *, params: Params | None = None, steps: int | None = None,
                          first_order: bool | None = None) -> Tensor:
-        r"""MAML's meta-loss on a meta-batch in one call: :math:`rac1B\sum_b
-        	ext{loss\_fn}(h_{	heta_{K,b}}(x^q_b), y^q_b)`, with :math:`	heta_{K,b}` what
+        r"""MAML's meta-loss on a meta-batch in one call: :math:`\frac1B\sum_b
+        \text{loss\_fn}(h_{\theta_{K,b}}(x^q_b), y^q_b)`, with :math:`\theta_{K,b}` what
         :meth:`adapt_batch` returns for task ``b``.
 
         The same number as ``loss_fn`` on :meth:`forward_batch` of :meth:`adapt_batch`'s params,

@@ -304,9 +304,8 @@ class _MetaTerms:
 class _GraphTerms(_MetaTerms):
     r"""Steps by ``rule.update``; the meta-loss is the sum of the terms, differentiated by autograd.
 
-    A first-order term is the surrogate of the module docstring: value :math:`w\,ar v`, gradient
-    :math:`w\,
-ablaar v` flowing through the params only.
+    A first-order term is the surrogate of the module docstring: value :math:`w\,\bar v`, gradient
+    :math:`w\,\nabla\bar v` flowing through the params only.
     """
 
     def __init__(self, rule_step: Any) -> None:
