@@ -180,3 +180,20 @@ def test_optimizer_skips_a_nonfinite_gradient_and_warns():
     assert torch.equal(after[0], before[0])  # skipped, state kept
     assert not torch.equal(after[2], before[2])  # the others stepped
     assert all(torch.isfinite(p).all() for p in after)
+
+
+def test_kernel_constants_are_the_rules():
+    """mlp_rule.c's MLP_* defines, the twin's copies and l2o.rules.mlp's constants are one set of numbers."""
+    import re
+    from pathlib import Path
+
+    from l2o.rules import mlp
+
+    source = (Path(kernels.__file__).parent / "mlp_rule.c").read_text()
+    defines = {name: float(value.rstrip("f")) for name, value in
+               re.findall(r"^#define (MLP_[A-Z_]+) ([0-9.e+-]+f?)\b", source, flags=re.M)}
+    rule = {"MLP_F": mlp.NUM_FEATURES, "MLP_TINY": mlp.TINY, "MLP_GRAD_CLIP": mlp.GRAD_CLIP,
+            "MLP_FEATURE_CLIP": mlp.FEATURE_CLIP, "MLP_MAGNITUDE_CLIP": mlp.MAGNITUDE_CLIP}
+    for name, value in rule.items():
+        assert defines[name] == value, name
+        assert getattr(twin, name) == value, name
