@@ -47,7 +47,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .tasks import META, TRAIN
+from .inner import LOG_EPS, InnerState, UnrollResult
+from .tasks import META, TRAIN, closed_form
 
 __all__ = ["CompileOptions", "CompileWarning", "compile_options", "compiled_unroll", "functional_unroll",
            "compiled_function"]
@@ -167,9 +168,7 @@ def _loss_grads(task: Any, params: dict[str, Tensor], batch: Any, second_order: 
                 objective: str) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-instance loss and the gradient of its sum (``log_loss``: of the sum of logs), as
     :func:`l2o.unroll.loss_and_grads`, with ``torch.func.grad`` (traceable); detached in first order."""
-    from .unroll import LOG_EPS, _closed_form
-
-    closed = _closed_form(task) if not second_order and objective == "loss" else None
+    closed = closed_form(task) if not second_order and objective == "loss" else None
     if closed is not None:
         loss, grads = closed({k: v.detach() for k, v in params.items()}, batch)
         return loss.detach(), {k: g.detach() for k, g in grads.items()}
@@ -210,8 +209,6 @@ def functional_unroll(task: Any, rule_step: Callable[..., Any], params: dict[str
     or empty, params, rule_state, grads, loss, finite)``, ``finite`` a bool tensor (``None``
     without ``record``); without ``keep_inner``, params, rule_state, grads and loss are ``None``.
     """
-    from .unroll import LOG_EPS
-
     steps = len(weights)
     if batches[0] is not None:
         loss, grads = _loss_grads(task, params, batches[0], second_order, objective="loss")
@@ -268,8 +265,6 @@ def _draw_batches(task: Any, generator: Any, weights: tuple[float, ...], meta_sp
 def traced_unroll(task: Any, inner: Any, rule_step: Callable[..., Any], *, steps: int, generator: Any,
                   weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, record: bool) -> Any:
     """The unroll inside a function that :func:`torch.compile` is tracing (no nested compile)."""
-    from .unroll import InnerState, UnrollResult
-
     cached = inner.grads is not None and not second_order
     batches, meta_batches = _draw_batches(task, generator, weights, meta_split, cached)
     meta_loss, losses, params, state, grads, loss, finite = functional_unroll(
@@ -285,8 +280,6 @@ def compiled_unroll(rule: Any, task: Any, inner: Any, rule_step: Callable[..., A
                     keep_inner: bool = True) -> Any:
     """One unroll through the compiled :func:`functional_unroll` (arguments already checked),
     falling back to ``eager`` (the eager engine) as described in the module docstring."""
-    from .unroll import InnerState, UnrollResult
-
     saved = generator.get_state()
     cached = inner.grads is not None and not second_order
     batches, meta_batches = _draw_batches(task, generator, weights, meta_split, cached)

@@ -42,7 +42,8 @@ from .rules.hand import SGD
 from .tasks import META, TRAIN, support_or_query
 from .tree import Params
 from .compiling import CompileOptions, compile_options, compiled_function, run_with_fallback
-from .unroll import InnerState, run_unroll
+from .inner import InnerState
+from .unroll import run_unroll
 from .validation import check_bool, check_hyperparameter, check_positive_int
 
 __all__ = ["MAML", "MAMLInit", "SupervisedTask", "adaptation_curve", "adaptation_params"]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .tree import Params
 
-__all__ = ["Task", "TaskFamily", "TRAIN", "META", "support_or_query"]
+__all__ = ["Task", "TaskFamily", "TRAIN", "META", "support_or_query", "closed_form"]
 
 #: The split a rule's gradients are computed on.
 TRAIN = "train"
@@ -68,3 +68,14 @@ class TaskFamily(Protocol):
     def sample(self, generator: torch.Generator) -> Task:
         """Draw a task."""
         ...
+
+
+def closed_form(task: Task) -> Any:
+    """The task's ``loss_and_grads``, unless its class redefines ``loss`` below the class that
+    defines ``loss_and_grads`` (a subclass changing the loss must not inherit its parent's gradient)."""
+    for klass in type(task).__mro__:
+        if "loss_and_grads" in vars(klass):
+            return task.loss_and_grads
+        if "loss" in vars(klass):
+            return None
+    return None

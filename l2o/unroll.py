@@ -28,54 +28,19 @@ segment's graph starts clean (never an in-place ``detach_``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from .compiling import CompileOptions, compile_options, compiled_unroll, traced_unroll
+from .inner import LOG_EPS, OBJECTIVES, InnerState, UnrollResult
 from .rules.base import Rule, RuleTape, unchecked_update
 from .validation import check_positive_int
-from .tasks import META, TRAIN, Task
+from .tasks import META, TRAIN, Task, closed_form
 from .tree import Params, apply_updates, detach, flatten, state_map
 
 __all__ = ["InnerState", "UnrollResult", "OBJECTIVES", "init_inner", "unroll", "truncate", "loss_and_grads"]
-
-#: Meta-objectives: ``"loss"`` reads :math:`\bar f(\theta_t)` (the paper); ``"log_loss"`` reads the
-#: mean over instances of :math:`\log(f(\theta_t) + \epsilon)`, which weighs every factor of
-#: improvement equally, so late, small losses still shape the rule.
-OBJECTIVES = ("loss", "log_loss")
-LOG_EPS = 1e-12
-
-
-class InnerState(NamedTuple):
-    """Where an inner optimisation stands.
-
-    ``grads``/``loss`` cache the training gradient and per-instance loss at ``params`` when known
-    (first-order mode reuses them for the next step instead of recomputing; second order leaves
-    ``grads`` empty, since it recomputes them with a graph anyway).
-    """
-
-    params: Params
-    rule_state: Any
-    step: int
-    grads: Params | None = None
-    loss: Tensor | None = None
-
-
-class UnrollResult(NamedTuple):
-    """What :func:`unroll` returns.
-
-    ``meta_loss`` is a differentiable scalar (see the module docstring); ``losses`` holds the
-    detached per-instance training losses :math:`f(\\theta_t)` for ``t = 1..K``, shape ``(K, B)``;
-    ``finite`` is False when any loss or gradient was NaN/Inf.
-    """
-
-    meta_loss: Tensor
-    losses: Tensor
-    inner: InnerState
-    finite: bool
-
 
 def init_inner(rule: Rule, task: Task, generator: torch.Generator, params: Params | None = None) -> InnerState:
     """Start an inner optimisation: θ0 from ``task.init`` (unless given) and ``rule.init``."""
@@ -95,10 +60,10 @@ def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool
     Without ``create_graph`` and with the task's own ``loss_and_grads`` (see :mod:`l2o.tasks`; not
     when a subclass redefines ``loss`` below it), that computes the result (no autograd).
     """
-    closed_form = _closed_form(task) if not create_graph and objective == "loss" else None
-    if closed_form is not None:
+    task_grads = closed_form(task) if not create_graph and objective == "loss" else None
+    if task_grads is not None:
         with torch.no_grad():
-            return closed_form({k: v.detach() for k, v in params.items()}, batch)
+            return task_grads({k: v.detach() for k, v in params.items()}, batch)
     with torch.enable_grad():
         if create_graph:
             leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
@@ -112,17 +77,6 @@ def loss_and_grads(task: Task, params: Params, batch: Any, *, create_graph: bool
     if not create_graph:
         loss = loss.detach()
     return loss, out
-
-
-def _closed_form(task: Task) -> Any:
-    """The task's ``loss_and_grads``, unless its class redefines ``loss`` below the class that
-    defines ``loss_and_grads`` (a subclass changing the loss must not inherit its parent's gradient)."""
-    for klass in type(task).__mro__:
-        if "loss_and_grads" in vars(klass):
-            return task.loss_and_grads
-        if "loss" in vars(klass):
-            return None
-    return None
 
 
 def _all_finite(loss: Tensor | None, grads: Params | None) -> Tensor:

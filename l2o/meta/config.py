@@ -8,7 +8,7 @@ from typing import Any
 
 from ..validation import check_positive_int, is_number
 from ..tasks import META, TRAIN
-from ..unroll import OBJECTIVES
+from ..inner import OBJECTIVES
 
 __all__ = ["MetaTrainConfig", "STEP_WEIGHTS", "HORIZON_SCHEDULES", "ESTIMATORS"]
 
@@ -60,7 +60,7 @@ class MetaTrainConfig:
         second_order: differentiate through the task gradients (the paper does not; ``tbptt``
             only).
         objective: the meta-loss terms, ``"loss"`` (the paper) or ``"log_loss"`` (see
-            :data:`l2o.unroll.OBJECTIVES`).
+            :data:`l2o.inner.OBJECTIVES`).
         step_weights: the meta-loss weight :math:`w_t` of inner step :math:`t` of the horizon:
             ``"uniform"`` (1, the paper) or ``"linear"`` (:math:`2t/\text{horizon}`, same total
             weight, more of it on late steps), or ``"final"`` (1 on the horizon's last step only:

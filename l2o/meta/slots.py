@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..tasks import Task
-from ..unroll import InnerState
+from ..inner import InnerState
 
 __all__ = ["TaskSlot"]
 
@@ -22,7 +22,7 @@ class TaskSlot:
     ``generator`` draws its batches (and its ES/PES perturbations); ``inner`` is its inner state
     (for ES/PES, the positive particle's); ``extra`` is the estimator's own state of this task
     (PES: the negative particle's inner state and the accumulated perturbation), a dict of
-    :class:`~l2o.unroll.InnerState` and lists of tensors; ``fingerprint`` identifies the task in a
+    :class:`~l2o.inner.InnerState` and lists of tensors; ``fingerprint`` identifies the task in a
     training state (computed when first needed).
     """
 

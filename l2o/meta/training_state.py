@@ -55,7 +55,7 @@ from ..checkpoints import CheckpointError
 from ..rules.base import Rule
 from ..tasks import Task, TaskFamily
 from ..tree import state_fill, state_leaves
-from ..unroll import InnerState
+from ..inner import InnerState
 from ..validation import is_number
 from .config import MetaTrainConfig
 from .schedules import task_generator

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ...rules.base import Rule
-from ...unroll import InnerState
+from ...inner import InnerState
 from ..slots import TaskSlot
 
 __all__ = ["Estimator", "SegmentContext", "SegmentResult"]

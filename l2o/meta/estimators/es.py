@@ -38,7 +38,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ...unroll import InnerState, UnrollResult, truncate, unroll
+from ...inner import InnerState, UnrollResult
+from ...unroll import truncate, unroll
 from ..slots import TaskSlot
 from .base import SegmentContext, SegmentResult
 
