@@ -108,7 +108,9 @@ def test_unroll_tape_matches_autograd(kw, uk, variant):
     for name, a, b in zip([n for n, _ in rule.named_parameters()], got_grads, ref_grads):
         assert _rel(a, b) < 2e-5, name
     for a, b in zip(state_leaves(got.inner.rule_state), state_leaves(ref.inner.rule_state)):
-        assert torch.allclose(a, b.detach(), rtol=1e-5, atol=1e-6)
+        # relative to the tensor's largest entry: a momentum near zero is a difference of large
+        # terms, rounded at the scale of the terms, not of the result
+        assert _rel(a, b.detach()) < 1e-5
     assert got.inner.step == ref.inner.step == 5
     assert all(t.grad_fn is None for t in state_leaves(got.inner.rule_state))  # as after truncate
     assert all(t.grad_fn is None for t in got.inner.params.values())
