@@ -18,6 +18,9 @@ interleaved (each repeat runs every implementation once, in turn), after warm-up
   ``torch.autograd.grad(create_graph=True)`` (how learn2learn and higher work);
 * ``func`` / ``func+compile``: ``torch.func.vmap`` over the tasks of ``grad`` steps, eager and
   under ``torch.compile``;
+* ``func expanded`` / ``func expanded+compile``: the same with θ0 handed to ``vmap`` as
+  per-task copies (``expand``) rather than shared, the form of every batched engine that takes the
+  gradient of the summed loss of ``(B, *shape)`` params (l2o's);
 * ``l2o batched`` / ``l2o batched+compile``: ``l2o.MAML(model).adapt_batch`` + ``forward_batch``
   on the user's module (``vmap`` over ``functional_call``), eager and with ``compile=True``;
 * ``l2o query`` / ``l2o query+compile``: ``MAML.query_loss_batch``: the adaptation and the query
@@ -124,8 +127,10 @@ def omniglot_problem(first_order: bool = False) -> Problem:
     return Problem("omniglot", model, _cross_entropy, (sx, sy, qx, qy), 0.4, first_order, specific)
 
 
-def _func_loss(problem: Problem, model: torch.nn.Module, steps: int):
-    """The torch.func meta-loss: vmap over the tasks of ``steps`` grad steps, then the query loss."""
+def _func_loss(problem: Problem, model: torch.nn.Module, steps: int, batched_init: bool = False):
+    """The torch.func meta-loss: vmap over the tasks of ``steps`` grad steps, then the query loss.
+    ``batched_init``: θ0 enters ``vmap`` as per-task copies (``expand``, ``in_dims=0``), as in any
+    engine that differentiates the summed loss of batched params, instead of shared (``in_dims=None``)."""
     from torch.func import grad, vmap
 
     lr, loss_fn, fo = problem.inner_lr, problem.loss_fn, problem.first_order
@@ -137,7 +142,10 @@ def _func_loss(problem: Problem, model: torch.nn.Module, steps: int):
         return loss_fn(functional_call(model, params, (xq,)), yq)
 
     def meta_loss(params, sx, sy, qx, qy):
-        return vmap(one, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, sx, sy, qx, qy).mean()
+        if batched_init:
+            params = {k: v.expand(sx.shape[0], *v.shape) for k, v in params.items()}
+        dims = (0 if batched_init else None, 0, 0, 0, 0)
+        return vmap(one, in_dims=dims, randomness="different")(params, sx, sy, qx, qy).mean()
 
     return meta_loss
 
@@ -156,12 +164,12 @@ class Impl:
                              first_order=problem.first_order, compile=self.compiled)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=META_LR)
         base = name.removesuffix("+compile")
-        if base == "func":
-            fn = _func_loss(problem, self.model, steps)
+        if base in ("func", "func expanded"):
+            fn = _func_loss(problem, self.model, steps, batched_init=base != "func")
             self.func = torch.compile(fn) if self.compiled else fn
         if base == "l2o task":
             self.task, self.prefix = problem.task_specific(self.model)
-        self.loss = getattr(self, "_" + base.replace(" ", "_").replace("l2o_", "l2o_"))
+        self.loss = getattr(self, "_" + base.replace(" ", "_"))
 
     def meta_loss(self) -> torch.Tensor:
         return self.loss(*self.problem.data)
@@ -180,6 +188,8 @@ class Impl:
 
     def _func(self, sx, sy, qx, qy):
         return self.func(dict(self.model.named_parameters()), sx, sy, qx, qy)
+
+    _func_expanded = _func
 
     def _l2o_batched(self, sx, sy, qx, qy):
         params = self.maml.adapt_batch(self.problem.loss_fn, sx, sy)
@@ -216,8 +226,9 @@ class Impl:
         return list(torch.autograd.grad(loss, list(self.model.parameters())))
 
 
-IMPLEMENTATIONS = ("plain", "func", "func+compile", "l2o batched", "l2o batched+compile", "l2o query",
-                   "l2o query+compile", "l2o per task", "l2o per task+compile", "l2o task", "l2o task+compile")
+IMPLEMENTATIONS = ("plain", "func", "func+compile", "func expanded", "func expanded+compile", "l2o batched",
+                   "l2o batched+compile", "l2o query", "l2o query+compile", "l2o per task", "l2o per task+compile",
+                   "l2o task", "l2o task+compile")
 
 
 def peak_memory_mb(fn) -> float:

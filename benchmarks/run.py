@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 _LAST = object()  # Runner.add's default command: the last one run
 BENCH = REPO / "benchmarks"
 #: ``maml_sine.py --speed --impls`` in fast mode: the eager implementations (the compiled ones take minutes to compile).
-FAST_MAML_IMPLS = "plain,l2o task,l2o batched,l2o per task"
+FAST_MAML_IMPLS = "plain,func,func expanded,l2o task,l2o batched,l2o per task"
 
 SUITES = ("quadratic", "mnist", "maml-sine", "maml-omniglot", "speed", "generalist")
 #: Seeds of ``l2o compare``'s tuning tasks (its held-out tasks use this + 10000), as in the README tables.
