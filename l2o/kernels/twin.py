@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .mlp_constants import FEATURE_CLIP, GRAD_CLIP, MAGNITUDE_CLIP, NUM_FEATURES, TINY
+
 __all__ = ["gates_", "gates_backward_", "lstm_cell", "Autograd", "AUTOGRAD", "mlp_update"]
 
 
@@ -122,23 +124,15 @@ class Autograd(NamedTuple):
 #: The twin of the meta-training kernels (it has no state).
 AUTOGRAD = Autograd()
 
-# The constants of ``mlp_rule.c`` (its ``MLP_*`` defines), which are those of :mod:`l2o.rules.mlp`
-# (``tests/test_mlp_kernel.py`` checks that the three agree).
-MLP_F = 12
-MLP_TINY = 1e-30
-MLP_GRAD_CLIP = 1e12
-MLP_FEATURE_CLIP = 10.0
-MLP_MAGNITUDE_CLIP = 10.0
-
 
 def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Tensor, last: Tensor) -> None:
     r"""The twin of :meth:`l2o.kernels.MLPKernel.update` (same arguments and contract): one step of
     :class:`l2o.MLPRule` on whole tensors, the accumulators updated in place and each update
     written to its ``u`` (the math of :mod:`l2o.rules.mlp`)."""
     w1, w2, w3, beta_v, w_v, w_f, ib1, ib2, ib3, ibv, ibf, sq, eps, lr, log_lr, residual = coef
-    F, H = MLP_F, first.shape[1]
+    F, H = NUM_FEATURES, first.shape[1]
     for (I, n, R, C, factored, rank), (g, p, m1, m2, m3, v, r, c, u) in entries:
-        g = g.reshape(I, n).clamp(-MLP_GRAD_CLIP, MLP_GRAD_CLIP)
+        g = g.reshape(I, n).clamp(-GRAD_CLIP, GRAD_CLIP)
         p, v = p.reshape(I, n), v.view(I, n)
         ms = [m.view(I, n) for m in (m1, m2, m3)]
         for m, w in zip(ms, (w1, w2, w3)):
@@ -146,8 +140,8 @@ def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Te
         v.mul_(beta_v).addcmul_(g, g, value=w_v)
         sums = torch.stack([(x * x).sum(-1) for x in (g, p, *ms)] + [v.sum(-1)], dim=-1)
         mean = sums * (1.0 / max(n, 1))
-        s = torch.rsqrt(torch.cat((mean[:, :5], (mean[:, 5:] + MLP_TINY) * ibv), dim=1) + MLP_TINY).unsqueeze(-1)
-        sigma = torch.sqrt(v + MLP_TINY) * sq
+        s = torch.rsqrt(torch.cat((mean[:, :5], (mean[:, 5:] + TINY) * ibv), dim=1) + TINY).unsqueeze(-1)
+        sigma = torch.sqrt(v + TINY) * sq
         inv = torch.reciprocal(sigma + eps)
         adam = ms[0] * inv
         fac_g, fac_m = g * inv, adam * ib1
@@ -156,13 +150,13 @@ def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Te
             r2, c2 = r.view(I, R), c.view(I, C)
             r2.lerp_(g2.sum(-1) * (1.0 / max(C, 1)), w_f)
             c2.lerp_(g2.sum(-2) * (1.0 / max(R, 1)), w_f)
-            alpha = torch.rsqrt(r2 / (r2.sum(-1, keepdim=True) * (1.0 / max(R, 1)) + MLP_TINY) + MLP_TINY)
-            gamma = torch.reciprocal(torch.sqrt(c2 * ibf + MLP_TINY) + eps)
+            alpha = torch.rsqrt(r2 / (r2.sum(-1, keepdim=True) * (1.0 / max(R, 1)) + TINY) + TINY)
+            gamma = torch.reciprocal(torch.sqrt(c2 * ibf + TINY) + eps)
             rho = (alpha.unsqueeze(-1) * gamma.unsqueeze(-2)).reshape(I, n)
             fac_g, fac_m = g * rho, ms[0] * rho * ib1
         rows = [g * s[:, 0], p * s[:, 1], ms[0] * s[:, 2], ms[1] * s[:, 3], ms[2] * s[:, 4], sigma * s[:, 5],
                 adam * ib1, ms[1] * inv * ib2, ms[2] * inv * ib3, g * inv, fac_g, fac_m]
-        x = torch.stack(rows, dim=1).clamp(-MLP_FEATURE_CLIP, MLP_FEATURE_CLIP)  # (I, F, n)
+        x = torch.stack(rows, dim=1).clamp(-FEATURE_CLIP, FEATURE_CLIP)  # (I, F, n)
         h = torch.relu(torch.matmul(first[rank, :, :F], x) + first[rank, :, F:])
         for w in hidden:
             h = torch.relu(torch.matmul(w[:, :H], h) + w[:, H:])
@@ -170,5 +164,5 @@ def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Te
         direction, magnitude = out[:, 0], out[:, 1]
         if residual:
             direction = direction + adam * ib1
-        step = torch.exp(magnitude.clamp(-MLP_MAGNITUDE_CLIP, MLP_MAGNITUDE_CLIP) + log_lr) * direction * -lr
+        step = torch.exp(magnitude.clamp(-MAGNITUDE_CLIP, MAGNITUDE_CLIP) + log_lr) * direction * -lr
         u.view(I, n).copy_(step)

@@ -96,27 +96,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..kernels.mlp_constants import FEATURE_CLIP, GRAD_CLIP, MAGNITUDE_CLIP, NUM_FEATURES, TINY
 from ..tree import Params
 from .base import Rule, check_bool, check_hyperparameter, check_params, check_positive_int, check_update_args
 
 __all__ = ["MLPRule", "MLPState", "BLOCK_COORDINATES", "GRAD_CLIP", "FEATURE_CLIP", "MAGNITUDE_CLIP", "TINY",
            "PROGRESS_TIMESCALES", "FRACTION_CENTRES", "NUM_FEATURES", "NUM_CONTEXT"]
 
-#: Gradients are clipped to this magnitude before anything else (their squares and sums stay
-#: finite in float32 for tensors of up to 1e14 coordinates).
-GRAD_CLIP = 1e12
-#: Every feature is clipped to this magnitude.
-FEATURE_CLIP = 10.0
-#: :math:`\mu b` (the log-magnitude the network adds to the base step size) is clipped to this.
-MAGNITUDE_CLIP = 10.0
-#: Added under every square root and reciprocal square root (keeps them finite and differentiable at 0).
-TINY = 1e-30
 #: :math:`\tau` of the training-progress features :math:`\tanh(t/\tau - 1)`.
 PROGRESS_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
 #: :math:`c` of the fraction-done features :math:`\tanh(10(\phi - c))`.
 FRACTION_CENTRES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-#: Per-coordinate features (see the module docstring).
-NUM_FEATURES = 12
 _NUM_PROGRESS = len(PROGRESS_TIMESCALES) + 2 + len(FRACTION_CENTRES)
 _NUM_RANKS = 3
 #: Per-tensor context features: training progress, fraction done, rank.
