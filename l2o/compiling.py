@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 
 from .inner import LOG_EPS, InnerState, UnrollResult
-from .tasks import META, TRAIN, closed_form
+from .instances import shared_loss_and_grads
+from .tasks import META, TRAIN, closed_form, instance_form
 
 __all__ = ["CompileOptions", "CompileWarning", "compile_options", "compiled_unroll", "functional_unroll",
            "compiled_function"]
@@ -198,7 +199,7 @@ def _finite(loss: Tensor | None, grads: dict[str, Tensor] | None) -> Tensor:
 def functional_unroll(task: Any, rule_step: Callable[..., Any], params: dict[str, Tensor], rule_state: Any, step: int,
                       loss: Tensor | None, grads: dict[str, Tensor] | None, batches: list[Any], meta_batches: list[Any],
                       weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str,
-                      record: bool, keep_inner: bool = True) -> tuple[Any, ...]:
+                      record: bool, keep_inner: bool = True, shared: dict[str, Tensor] | None = None) -> tuple[Any, ...]:
     r"""The eager engine's loop (:func:`l2o.unroll.unroll`) as a pure function of tensors, what
     ``compile=True`` traces.
 
@@ -208,9 +209,14 @@ def functional_unroll(task: Any, rule_step: Callable[..., Any], params: dict[str
     unchecked step (:func:`l2o.rules.base.unchecked_update`). Returns ``(meta_loss, losses (K, B)
     or empty, params, rule_state, grads, loss, finite)``, ``finite`` a bool tensor (``None``
     without ``record``); without ``keep_inner``, params, rule_state, grads and loss are ``None``.
+    With ``shared`` (see :func:`l2o.unroll.run_unroll`; ``params`` is then not read), the first
+    gradient is taken at those params unbatched and the instances' params are their expansion.
     """
     steps = len(weights)
-    if batches[0] is not None:
+    if shared is not None:
+        loss, grads = shared_loss_and_grads(instance_form(task), shared, batches[0], second_order=second_order)
+        params = {k: v.expand(grads[k].shape[0], *v.shape) for k, v in shared.items()}
+    elif batches[0] is not None:
         loss, grads = _loss_grads(task, params, batches[0], second_order, objective="loss")
     finite = _finite(loss, grads) if record else None
     terms: list[Tensor] = []
@@ -263,13 +269,15 @@ def _draw_batches(task: Any, generator: Any, weights: tuple[float, ...], meta_sp
 
 
 def traced_unroll(task: Any, inner: Any, rule_step: Callable[..., Any], *, steps: int, generator: Any,
-                  weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, record: bool) -> Any:
+                  weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, record: bool,
+                  shared: dict[str, Tensor] | None = None) -> Any:
     """The unroll inside a function that :func:`torch.compile` is tracing (no nested compile)."""
     cached = inner.grads is not None and not second_order
     batches, meta_batches = _draw_batches(task, generator, weights, meta_split, cached)
     meta_loss, losses, params, state, grads, loss, finite = functional_unroll(
         task, rule_step, inner.params, inner.rule_state, inner.step, inner.loss if cached else None,
-        inner.grads if cached else None, batches, meta_batches, weights, meta_split, second_order, objective, record)
+        inner.grads if cached else None, batches, meta_batches, weights, meta_split, second_order, objective, record,
+        shared=shared)
     return UnrollResult(meta_loss, losses, InnerState(params, state, inner.step + steps, grads, loss),
                         True if finite is None else finite)
 
@@ -277,27 +285,28 @@ def traced_unroll(task: Any, inner: Any, rule_step: Callable[..., Any], *, steps
 def compiled_unroll(rule: Any, task: Any, inner: Any, rule_step: Callable[..., Any], options: CompileOptions, *,
                     steps: int, generator: Any, weights: tuple[float, ...], meta_split: str,
                     second_order: bool, objective: str, record: bool, eager: Callable[..., Any],
-                    keep_inner: bool = True) -> Any:
+                    keep_inner: bool = True, shared: dict[str, Tensor] | None = None) -> Any:
     """One unroll through the compiled :func:`functional_unroll` (arguments already checked),
     falling back to ``eager`` (the eager engine) as described in the module docstring."""
     saved = generator.get_state()
     cached = inner.grads is not None and not second_order
     batches, meta_batches = _draw_batches(task, generator, weights, meta_split, cached)
     key = ("unroll", options, type(rule), type(task), steps, weights, meta_split, second_order, objective, record,
-           cached, keep_inner)
+           cached, keep_inner, shared is not None)
 
     def run_compiled() -> Any:
         fn = compiled_function(functional_unroll, options, key[2:])
         meta_loss, losses, params, state, grads, loss, finite = fn(
-            task, rule_step, inner.params, inner.rule_state, inner.step, inner.loss if cached else None,
-            inner.grads if cached else None, batches, meta_batches, weights, meta_split, second_order, objective,
-            record, keep_inner)
+            task, rule_step, None if shared is not None else inner.params, inner.rule_state, inner.step,
+            inner.loss if cached else None, inner.grads if cached else None, batches, meta_batches, weights,
+            meta_split, second_order, objective, record, keep_inner, shared)
         ok = True if finite is None else bool(finite)
         return UnrollResult(meta_loss, losses, InnerState(params, state, inner.step + steps, grads, loss), ok)
 
     def run_eager() -> Any:
         return eager(rule, task, inner, rule_step, steps=steps, generator=generator, weights=weights,
-                     meta_split=meta_split, second_order=second_order, objective=objective, tape=False, record=record)
+                     meta_split=meta_split, second_order=second_order, objective=objective, tape=False, record=record,
+                     shared=shared)
 
     return run_with_fallback("the unroll", key, options, run_compiled, run_eager,
                              before_eager=lambda: generator.set_state(saved))

@@ -114,6 +114,12 @@ class SupervisedTask:
             raise ValueError(f"loss_fn must return a scalar tensor per task, got {shape}")
         return out
 
+    def instance_loss(self, params: Params, batch: tuple[Any, Any]) -> Tensor:
+        """The loss of one task (params and data without a task dimension): what the batched
+        :meth:`loss` is the ``vmap`` of (see :func:`l2o.tasks.instance_form`)."""
+        x, y = batch
+        return self._one_loss(params, x, y)
+
     def loss(self, params: Params, batch: tuple[Any, Any]) -> Tensor:
         """A scalar, or the ``(B,)`` per-task losses when batched."""
         x, y = batch
@@ -218,9 +224,10 @@ class MAML(nn.Module):
         return SupervisedTask(self.module, loss_fn, support, query, batched=batched)
 
     def _adapt(self, task: SupervisedTask, params: Params, steps: int | None, first_order: bool | None,
-               query: bool = False) -> Any:
+               query: bool = False, shared: Params | None = None) -> Any:
         """θ_K (or, with ``query``, the mean query loss after adaptation: one engine call whose
-        meta-loss reads the task's query split)."""
+        meta-loss reads the task's query split). ``shared``: θ0 when ``params`` is its expansion
+        over a batch of tasks (the first gradient is then taken at θ0 unbatched)."""
         k = self.inner_steps if steps is None else check_positive_int("steps", steps)
         if first_order is not None and not isinstance(first_order, bool):
             raise TypeError(f"first_order must be a bool or None, got {type(first_order).__name__} ({first_order!r})")
@@ -233,7 +240,8 @@ class MAML(nn.Module):
         weights = (0.0,) * (k - 1) + (1.0 if query else 0.0,)
         result = run_unroll(self.rule, task, inner, steps=k, generator=gen, weights=weights,
                             meta_split=META if query else TRAIN, second_order=not fo, objective="loss", tape=False,
-                            options=self.compile_options, record=False, check=False, keep_inner=not query)
+                            options=self.compile_options, record=False, check=False, keep_inner=not query,
+                            shared=shared)
         return result.meta_loss if query else result.inner.params
 
     def adapt(self, loss_fn: LossFn, support_x: Any, support_y: Any, *, params: Params | None = None,
@@ -256,8 +264,9 @@ class MAML(nn.Module):
         as :meth:`adapt` would adapt it alone; the model runs through ``vmap``.
         """
         task = SupervisedTask(self.module, loss_fn, (support_x, support_y), batched=True)
-        start = self.init.expand(_leading_size(support_x)) if params is None else params
-        return self._adapt(task, start, steps, first_order)
+        if params is not None:
+            return self._adapt(task, params, steps, first_order)
+        return self._adapt(task, self.init.expand(_leading_size(support_x)), steps, first_order, shared=self.params())
 
     def forward(self, params: Params | None, x: Any) -> Any:
         """The model with ``params`` (θ0 when None): ``functional_call(model, params, (x,))``."""
@@ -288,8 +297,10 @@ class MAML(nn.Module):
         a meta-iteration). Data ``(B, N, ...)``; differentiable in θ0 and the rule's weights.
         """
         task = SupervisedTask(self.module, loss_fn, (support_x, support_y), (query_x, query_y), batched=True)
-        start = self.init.expand(_leading_size(support_x)) if params is None else params
-        return self._adapt(task, start, steps, first_order, query=True)
+        if params is not None:
+            return self._adapt(task, params, steps, first_order, query=True)
+        return self._adapt(task, self.init.expand(_leading_size(support_x)), steps, first_order, query=True,
+                           shared=self.params())
 
 
 def _batched_forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:

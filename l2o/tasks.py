@@ -11,6 +11,11 @@ it for first-order gradients (:func:`l2o.unroll.loss_and_grads`), where it saves
 graph and backward of every inner step; it must return what autograd would, up to rounding. (A
 subclass that redefines ``loss`` without ``loss_and_grads`` gets autograd, not its parent's
 closed form.)
+
+A batched task may define ``instance_loss(params, batch) -> scalar``: the loss of one instance
+(params and batch without the leading instance dimension), of which ``loss`` is the ``vmap``. The
+engine then takes the first gradient of instances that all start from the same params at those
+params, unbatched (:mod:`l2o.instances`), instead of at ``B`` copies of them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from .tree import Params
 
-__all__ = ["Task", "TaskFamily", "TRAIN", "META", "support_or_query", "closed_form"]
+__all__ = ["Task", "TaskFamily", "TRAIN", "META", "support_or_query", "closed_form", "instance_form"]
 
 #: The split a rule's gradients are computed on.
 TRAIN = "train"
@@ -73,9 +78,19 @@ class TaskFamily(Protocol):
 def closed_form(task: Task) -> Any:
     """The task's ``loss_and_grads``, unless its class redefines ``loss`` below the class that
     defines ``loss_and_grads`` (a subclass changing the loss must not inherit its parent's gradient)."""
+    return _own(task, "loss_and_grads")
+
+
+def instance_form(task: Task) -> Any:
+    """The task's ``instance_loss``, unless its class redefines ``loss`` below the class that
+    defines ``instance_loss`` (the batched loss must still be the ``vmap`` of it)."""
+    return _own(task, "instance_loss")
+
+
+def _own(task: Task, name: str) -> Any:
     for klass in type(task).__mro__:
-        if "loss_and_grads" in vars(klass):
-            return task.loss_and_grads
+        if name in vars(klass):
+            return getattr(task, name)
         if "loss" in vars(klass):
             return None
     return None

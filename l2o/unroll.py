@@ -37,7 +37,8 @@ from .compiling import CompileOptions, compile_options, compiled_unroll, traced_
 from .inner import LOG_EPS, OBJECTIVES, InnerState, UnrollResult
 from .rules.base import Rule, RuleTape, unchecked_update
 from .validation import check_positive_int
-from .tasks import META, TRAIN, Task, closed_form
+from .instances import shared_loss_and_grads
+from .tasks import META, TRAIN, Task, closed_form, instance_form
 from .tree import Params, apply_updates, detach, flatten, state_map
 
 __all__ = ["InnerState", "UnrollResult", "OBJECTIVES", "init_inner", "unroll", "truncate", "loss_and_grads"]
@@ -140,13 +141,16 @@ def unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: 
 def run_unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generator: torch.Generator,
                weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, tape: bool,
                options: CompileOptions | None, record: bool, check: bool = True,
-               keep_inner: bool = True) -> UnrollResult:
+               keep_inner: bool = True, shared: Params | None = None) -> UnrollResult:
     """:func:`unroll` for checked arguments. ``record=False`` (what :class:`l2o.MAML`'s verbs use:
     they read only the params) skips the per-step losses, the finiteness check and the last step's
     training loss when no meta-loss term reads it: ``losses`` is then empty, ``finite`` True.
     ``check=False`` skips the rule's :meth:`~l2o.rules.base.Rule.check_update` (for a state the
     caller just made with ``rule.init(params)``); ``keep_inner=False`` (only the meta-loss is read)
-    lets the compiled engine return no final params.
+    lets the compiled engine return no final params. ``shared``: params that every instance of a
+    batched task starts from, of which ``inner.params`` are the expansion (``shared[k].expand(B,
+    ...)``, MAML's θ0): with a task that has an ``instance_loss``, the first gradient is taken at
+    them unbatched (:mod:`l2o.instances`; the same numbers, no ``B`` copies of them in the graph).
 
     Called while :func:`torch.compile` traces (a user's compiled function that calls the engine),
     the unroll is traced as it stands: through :func:`l2o.compiling.functional_unroll`, whose
@@ -155,25 +159,32 @@ def run_unroll(rule: Rule, task: Task, inner: InnerState, *, steps: int, generat
     validate, rule_step = unchecked_update(rule)
     if check:
         validate(inner.params, inner.rule_state, inner.params, step=inner.step)  # once: grads are shaped like params
+    if shared is not None and (instance_form(task) is None or (inner.grads is not None and not second_order)):
+        shared = None  # no per-instance loss to take it with, or no first gradient to take
     if torch.compiler.is_compiling():
         return traced_unroll(task, inner, rule_step, steps=steps, generator=generator, weights=weights,
-                             meta_split=meta_split, second_order=second_order, objective=objective, record=record)
+                             meta_split=meta_split, second_order=second_order, objective=objective, record=record,
+                             shared=shared)
     if options is not None:
         return compiled_unroll(rule, task, inner, rule_step, options, steps=steps, generator=generator,
                                weights=weights, meta_split=meta_split, second_order=second_order,
-                               objective=objective, record=record, eager=_eager_unroll, keep_inner=keep_inner)
+                               objective=objective, record=record, eager=_eager_unroll, keep_inner=keep_inner,
+                               shared=shared)
     return _eager_unroll(rule, task, inner, rule_step, steps=steps, generator=generator, weights=weights,
                          meta_split=meta_split, second_order=second_order, objective=objective, tape=tape,
-                         record=record)
+                         record=record, shared=shared)
 
 
 def _eager_unroll(rule: Rule, task: Task, inner: InnerState, update: Any, *, steps: int, generator: torch.Generator,
                   weights: tuple[float, ...], meta_split: str, second_order: bool, objective: str, tape: bool,
-                  record: bool) -> UnrollResult:
+                  record: bool, shared: Params | None = None) -> UnrollResult:
     w = weights
     params, rule_state, step = inner.params, inner.rule_state, inner.step
     if inner.grads is not None and not second_order:
         loss, grads = inner.loss, inner.grads
+    elif shared is not None:
+        loss, grads = shared_loss_and_grads(instance_form(task), shared, task.sample_batch(TRAIN, generator),
+                                            second_order=second_order)
     else:
         loss, grads = loss_and_grads(task, params, task.sample_batch(TRAIN, generator), create_graph=second_order)
     finite = _all_finite(loss, grads) if record else True

@@ -257,6 +257,7 @@ def _episodes(b: int = 3):
 def test_maml_verbs_compiled_equal_eager(rule_name, first_order):
     sx, sy, qx, qy = _episodes()
     results = []
+    warnings.simplefilter("error", CompileWarning)  # compiled, not an eager fallback (pytest restores filters)
     for maml in _maml_pair(rule_name, first_order):
         losses = {
             "batched": lambda: ((maml.forward_batch(maml.adapt_batch(F.mse_loss, sx, sy), qx) - qy) ** 2).mean((1, 2)).mean(),

@@ -17,7 +17,9 @@ import l2o
 import l2o.maml as maml_mod
 from l2o.checkpoints import load_rule, save_rule
 from l2o.rules import MetaSGD, MetaSGDState
-from l2o.tasks import META
+from l2o.instances import shared_loss_and_grads
+from l2o.tasks import META, instance_form
+from l2o.unroll import loss_and_grads, run_unroll
 from optimizees.sine import SineFamily
 from tests.conformance import SHAPES, check_rule
 
@@ -182,6 +184,75 @@ def test_batched_adapt_equals_per_task_loop(rule_name, first_order):
     torch.testing.assert_close(loss_b, loss_l, rtol=1e-13, atol=0)
     for a, b in zip(grads_b, grads_l):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_shared_first_gradient_equals_the_summed_loss_gradient_at_the_expansion(second_order):
+    """The per-task gradients at θ0 unbatched (``vmap(grad)``, ``in_dims=None``) are the gradient of
+    the summed per-task loss at θ0 expanded, and so is their derivative with respect to θ0."""
+    model = _mlp(3)
+    sx, sy, _, _ = _data(4, 3)
+    task = l2o.SupervisedTask(model, F.mse_loss, (sx, sy), batched=True)
+    theta = dict(model.named_parameters())
+    loss_s, grads_s = shared_loss_and_grads(task.instance_loss, theta, (sx, sy), second_order=second_order)
+    expanded = {k: v.expand(3, *v.shape) for k, v in theta.items()}
+    loss_e, grads_e = loss_and_grads(task, expanded, (sx, sy), create_graph=second_order)
+    torch.testing.assert_close(loss_s, loss_e, rtol=1e-14, atol=0)
+    for k in theta:
+        assert grads_s[k].shape == (3, *theta[k].shape)
+        torch.testing.assert_close(grads_s[k], grads_e[k], rtol=1e-12, atol=1e-15)
+    assert all(g.requires_grad == second_order for g in grads_s.values())
+    if second_order:
+        probe = {k: torch.randn_like(g) for k, g in grads_s.items()}
+        d_s = torch.autograd.grad(sum((g * probe[k]).sum() for k, g in grads_s.items()), list(theta.values()))
+        d_e = torch.autograd.grad(sum((g * probe[k]).sum() for k, g in grads_e.items()), list(theta.values()))
+        for a, b in zip(d_s, d_e):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+
+
+def test_batched_verbs_take_the_first_gradient_at_theta0_unbatched(monkeypatch):
+    """adapt_batch and query_loss_batch evaluate the first support gradient on θ0 itself, not on
+    B copies of it (what keeps B copies of θ0 out of a second-order graph)."""
+    shapes = []
+    one = l2o.SupervisedTask.instance_loss
+
+    def spy(self, params, batch):
+        shapes.append({k: tuple(v.shape) for k, v in params.items()})
+        return one(self, params, batch)
+
+    monkeypatch.setattr(l2o.SupervisedTask, "instance_loss", spy)
+    model = _mlp()
+    maml = l2o.MAML(model, inner_lr=LR, inner_steps=2)
+    sx, sy, qx, qy = _data(5, 3)
+    maml.adapt_batch(F.mse_loss, sx, sy)
+    maml.query_loss_batch(F.mse_loss, sx, sy, qx, qy)
+    theta_shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    assert shapes == [theta_shapes, theta_shapes]  # one unbatched first gradient per call; later steps batched
+    shapes.clear()
+    maml.adapt_batch(F.mse_loss, sx, sy, params=maml.init.expand(3))  # given params: no shared θ0 assumed
+    assert shapes == []
+
+
+def test_a_task_redefining_loss_does_not_use_its_parents_instance_loss():
+    class Doubled(l2o.SupervisedTask):
+        def loss(self, params, batch):
+            return 2.0 * super().loss(params, batch)
+
+    model = _mlp()
+    sx, sy, _, _ = _data(6, 2)
+    assert instance_form(l2o.SupervisedTask(model, F.mse_loss, (sx, sy), batched=True)) is not None
+    task = Doubled(model, F.mse_loss, (sx, sy), batched=True)
+    assert instance_form(task) is None
+    theta = dict(model.named_parameters())
+    inner = l2o.InnerState(params={k: v.expand(2, *v.shape) for k, v in theta.items()}, rule_state=None, step=0)
+    rule = l2o.SGD(lr=LR)
+    inner = inner._replace(rule_state=rule.init(inner.params))
+    got = run_unroll(rule, task, inner, steps=1, generator=torch.Generator(), weights=(0.0,), meta_split="train",
+                     second_order=False, objective="loss", tape=False, options=None, record=False,
+                     shared=theta).inner.params
+    for k, v in theta.items():
+        g = torch.stack([2.0 * _grad(model, theta, sx[b], sy[b])[k] for b in range(2)])
+        torch.testing.assert_close(got[k], v - LR * g, rtol=1e-12, atol=1e-15)
 
 
 def test_mamlinit_expand_is_a_differentiable_broadcast():
