@@ -223,11 +223,16 @@ class MAML(nn.Module):
         """A :class:`SupervisedTask` for this model (to drive :func:`l2o.unroll` directly)."""
         return SupervisedTask(self.module, loss_fn, support, query, batched=batched)
 
-    def _adapt(self, task: SupervisedTask, params: Params, steps: int | None, first_order: bool | None,
-               query: bool = False, shared: Params | None = None) -> Any:
+    def _adapt(self, task: SupervisedTask, params: Params | None, steps: int | None, first_order: bool | None,
+               query: bool = False) -> Any:
         """θ_K (or, with ``query``, the mean query loss after adaptation: one engine call whose
-        meta-loss reads the task's query split). ``shared``: θ0 when ``params`` is its expansion
-        over a batch of tasks (the first gradient is then taken at θ0 unbatched)."""
+        meta-loss reads the task's query split). ``params=None`` starts from θ0: for a batched task
+        its expansion over the tasks, with the first gradient taken at θ0 unbatched."""
+        shared = None
+        if params is None:
+            params = self.params()
+            if task.batched:
+                shared, params = params, self.init.expand(_leading_size(task.support[0]))
         k = self.inner_steps if steps is None else check_positive_int("steps", steps)
         if first_order is not None and not isinstance(first_order, bool):
             raise TypeError(f"first_order must be a bool or None, got {type(first_order).__name__} ({first_order!r})")
@@ -254,7 +259,7 @@ class MAML(nn.Module):
         call. Works under ``torch.no_grad()`` too (evaluation: no graph is kept).
         """
         task = SupervisedTask(self.module, loss_fn, (support_x, support_y))
-        return self._adapt(task, self.params() if params is None else params, steps, first_order)
+        return self._adapt(task, params, steps, first_order)
 
     def adapt_batch(self, loss_fn: LossFn, support_x: Tensor, support_y: Tensor, *, params: Params | None = None,
                     steps: int | None = None, first_order: bool | None = None) -> Params:
@@ -264,9 +269,7 @@ class MAML(nn.Module):
         as :meth:`adapt` would adapt it alone; the model runs through ``vmap``.
         """
         task = SupervisedTask(self.module, loss_fn, (support_x, support_y), batched=True)
-        if params is not None:
-            return self._adapt(task, params, steps, first_order)
-        return self._adapt(task, self.init.expand(_leading_size(support_x)), steps, first_order, shared=self.params())
+        return self._adapt(task, params, steps, first_order)
 
     def forward(self, params: Params | None, x: Any) -> Any:
         """The model with ``params`` (θ0 when None): ``functional_call(model, params, (x,))``."""
@@ -297,10 +300,7 @@ class MAML(nn.Module):
         a meta-iteration). Data ``(B, N, ...)``; differentiable in θ0 and the rule's weights.
         """
         task = SupervisedTask(self.module, loss_fn, (support_x, support_y), (query_x, query_y), batched=True)
-        if params is not None:
-            return self._adapt(task, params, steps, first_order, query=True)
-        return self._adapt(task, self.init.expand(_leading_size(support_x)), steps, first_order, query=True,
-                           shared=self.params())
+        return self._adapt(task, params, steps, first_order, query=True)
 
 
 def _batched_forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:
