@@ -16,6 +16,14 @@ component               tasks
 ``quadratic``           a random 20-d least-squares problem (:mod:`optimizees.quadratic`)
 ======================  ========================================================================
 
+Not in the default mixture, chosen with ``components=`` (``l2o meta-train --components``):
+
+======================  ========================================================================
+``markov-transformer``  a 1-2 block decoder-only Transformer (width 32, 2 heads, GPT-2's
+                        initialisation, :mod:`optimizees.transformer`) on a random Markov chain
+                        over 32 tokens per task, 32-token sequences
+======================  ========================================================================
+
 Every image model's initial weights are its module's own initialisation times a log-uniform
 scale in [0.5, 2]. Every task has held-out data, which its ``meta`` split samples minibatches of
 (so a meta-loss can reward what generalises). Data: the first 50,000 MNIST training images
@@ -42,11 +50,13 @@ from .omniglot_files import load_omniglot
 from .quadratic import QuadraticFamily
 from .sequence import sequence_family
 
-__all__ = ["generalist_family", "COMPONENTS", "random_mlp", "random_convnet"]
+__all__ = ["generalist_family", "COMPONENTS", "OPTIONAL_COMPONENTS", "random_mlp", "random_convnet"]
 
-#: The components and their mixture weights.
+#: The components of the default mixture and their weights.
 COMPONENTS: dict[str, float] = {"mnist-mlp": 3.0, "mnist-conv": 2.0, "omniglot-conv": 2.0, "markov-gru": 2.0,
                                 "quadratic": 1.0}
+#: Components that ``components=`` may add to the default ones.
+OPTIONAL_COMPONENTS: tuple[str, ...] = ("markov-transformer",)
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                                                     "sigmoid": nn.Sigmoid, "elu": nn.ELU}
@@ -136,14 +146,18 @@ def _no_shared_batches(split: str, generator: torch.Generator) -> Any:  # pragma
 
 def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
                       components: dict[str, float] | None = None) -> TaskMixture:
-    """The mixture of the module docstring (weights :data:`COMPONENTS`, or ``components``).
+    """The mixture of the module docstring (weights :data:`COMPONENTS`, or ``components``: names
+    from :data:`COMPONENTS` and :data:`OPTIONAL_COMPONENTS` with their weights).
 
     Reads MNIST and (for ``omniglot-conv``) Omniglot from ``data_dir`` or ``$L2O_DATA``.
     """
     weights = dict(COMPONENTS if components is None else components)
-    unknown = sorted(set(weights) - set(COMPONENTS))
+    known = (*COMPONENTS, *OPTIONAL_COMPONENTS)
+    unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ValueError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
+        raise ValueError(f"unknown components {unknown}; choose from {', '.join(known)}")
+    if not weights:
+        raise ValueError(f"components is empty; name at least one of {', '.join(known)}")
     families, w = [], []
 
     def add(family: Any, weight: float) -> None:
@@ -173,6 +187,10 @@ def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
     if "markov-gru" in weights:
         for hidden in (16, 32):
             add(sequence_family(hidden=hidden, init_scale=_INIT_SCALE), weights["markov-gru"] / 2)
+    if "markov-transformer" in weights:
+        for layers in (1, 2):
+            add(sequence_family(model="transformer", vocab=32, hidden=32, length=32, layers=layers, heads=2,
+                                init_scale=_INIT_SCALE), weights["markov-transformer"] / 2)
     if "quadratic" in weights:
         add(QuadraticFamily(dim=20, num_functions=1), weights["quadratic"])
     return TaskMixture(families, w, name="generalist")

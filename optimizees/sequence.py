@@ -1,10 +1,12 @@
-r"""A small recurrent sequence model on synthetic Markov-chain text (next-token prediction).
+r"""Small sequence models on synthetic Markov-chain text (next-token prediction): a GRU, or a
+Transformer (:mod:`optimizees.transformer`).
 
 Each task draws its own language, a first-order Markov chain over ``vocab`` tokens whose
 transition rows are :math:`\operatorname{softmax}(z / \tau)` with :math:`z \sim \mathcal N(0, I)`
-(temperature :math:`\tau` = ``temperature``: lower is more predictable), and a GRU language
-model :math:`\text{embed} \to \text{GRU}(d) \to \text{linear}` trained with the mean next-token
-cross-entropy
+(temperature :math:`\tau` = ``temperature``: lower is more predictable), and a language model,
+a GRU :math:`\text{embed} \to \text{GRU}(d) \to \text{linear}` or a small decoder-only
+Transformer (:class:`~optimizees.transformer.TransformerLanguageModel`), trained with the mean
+next-token cross-entropy
 
 .. math:: f(\theta; b) = \frac{1}{|b|(L-1)} \sum_{s \in b} \sum_{t=1}^{L-1} -\log p_\theta(s_{t+1} \mid s_{\le t}).
 
@@ -26,7 +28,12 @@ from l2o.families import ModuleFamily
 from l2o.tasks import META, TRAIN
 from l2o.validation import check_hyperparameter, check_positive_int
 
-__all__ = ["GRULanguageModel", "MarkovChain", "sequence_family"]
+from .transformer import TransformerLanguageModel
+
+__all__ = ["GRULanguageModel", "MarkovChain", "sequence_family", "MODELS"]
+
+#: The language models :func:`sequence_family` can build.
+MODELS = ("gru", "transformer")
 
 
 class GRULanguageModel(nn.Module):
@@ -104,10 +111,15 @@ class _SequenceFamily(ModuleFamily):
     """:func:`sequence_family`'s family: every task draws its chain, then its model."""
 
     def __init__(self, vocab: int, hidden: int, length: int, batch_size: int, temperature: float,
-                 init_scale: Any, name: str) -> None:
-        super().__init__(lambda g: GRULanguageModel(vocab, hidden), _no_shared_batches, _next_token_loss, name=name,
-                         init_scale=init_scale)
+                 init_scale: Any, name: str, model: str = "gru", layers: int = 1, heads: int = 2) -> None:
+        def make(g: torch.Generator) -> nn.Module:
+            if model == "gru":
+                return GRULanguageModel(vocab, hidden)
+            return TransformerLanguageModel(vocab, hidden, length, layers=layers, heads=heads)
+
+        super().__init__(make, _no_shared_batches, _next_token_loss, name=name, init_scale=init_scale)
         self.vocab, self.hidden, self.length, self.batch_size, self.temperature = vocab, hidden, length, batch_size, temperature
+        self.architecture, self.layers, self.heads = model, layers, heads
 
     def task_batches(self, generator: torch.Generator) -> _ChainBatches:
         """A new task's language (its chain) and held-out set, drawn before its model."""
@@ -115,18 +127,31 @@ class _SequenceFamily(ModuleFamily):
                              generator)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "vocab": self.vocab, "hidden": self.hidden, "length": self.length,
-                "batch_size": self.batch_size, "temperature": self.temperature}
+        out = {**super().config(), "model": self.architecture, "vocab": self.vocab, "hidden": self.hidden,
+               "length": self.length, "batch_size": self.batch_size, "temperature": self.temperature}
+        if self.architecture == "transformer":
+            out.update(layers=self.layers, heads=self.heads)
+        return out
 
 
 def sequence_family(*, vocab: int = 16, hidden: int = 32, length: int = 16, batch_size: int = 32,
                     temperature: float = 0.5, init_scale: float | tuple[float, float] = 1.0,
-                    name: str | None = None) -> ModuleFamily:
-    """Tasks of a :class:`GRULanguageModel` on a random :class:`MarkovChain` each (module docstring)."""
+                    name: str | None = None, model: str = "gru", layers: int = 1, heads: int = 2) -> ModuleFamily:
+    """Tasks of a language model on a random :class:`MarkovChain` each (module docstring).
+
+    ``model`` is ``"gru"`` (a :class:`GRULanguageModel` of ``hidden`` units) or ``"transformer"`` (a
+    :class:`~optimizees.transformer.TransformerLanguageModel` of width ``hidden``, ``layers``
+    blocks and ``heads`` heads, its position embedding ``length`` long).
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     vocab, hidden = check_positive_int("vocab", vocab), check_positive_int("hidden", hidden)
+    layers, heads = check_positive_int("layers", layers), check_positive_int("heads", heads)
+    if model == "transformer" and hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads}) for a transformer")
     length, batch_size = check_positive_int("length", length), check_positive_int("batch_size", batch_size)
     if length < 2:
         raise ValueError(f"length must be at least 2 (next-token prediction), got {length}")
     temperature = check_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
     return _SequenceFamily(vocab, hidden, length, batch_size, temperature, init_scale,
-                           name or f"markov-gru{hidden}-v{vocab}")
+                           name or f"markov-{model}{hidden}-v{vocab}", model, layers, heads)

@@ -427,6 +427,30 @@ def test_meta_train_generalist_writes_an_mlp_rule(tmp_path, capsys, shared_data_
     assert provenance["train_config"]["objective"] == "log_loss"
 
 
+def test_meta_train_generalist_components(tmp_path, capsys, shared_data_dir):
+    """``--components`` picks the mixture: here only the optional Transformer language models."""
+    out = tmp_path / "t.pt"
+    code = main(["meta-train", "--task", "generalist", "--data", str(shared_data_dir), "--out", str(out),
+                 "--components", "markov-transformer=1", "--epochs", "2", "--horizon", "8", "--min-horizon", "4",
+                 "--truncation", "4", "--validate-every", "2", "--num-val-tasks", "1", "--val-horizon", "8",
+                 "--tasks-per-step", "2", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    family = torch.load(out, weights_only=True)["provenance"]["task_config"]
+    assert "markov-transformer32-v32" in json.dumps(family) and "mnist-mlp" not in json.dumps(family)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--components", "markov-transformer"], "expected NAME=WEIGHT pairs"),
+    (["--components", "quadratic=0"], "expected a positive number, got 0.0"),
+    (["--components", "quadratic=1,quadratic=2"], "'quadratic' is named twice"),
+])
+def test_components_flag_rejects_bad_values(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(["meta-train", "--task", "generalist", "--out", str(tmp_path / "x.pt"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_meta_train_with_pes_on_quadratics(tmp_path, capsys):
     out = tmp_path / "q.pt"
     code = main(["meta-train", "--task", "quadratic", "--dim", "3", "--num-functions", "4", "--out", str(out),
@@ -443,6 +467,10 @@ def test_meta_train_with_pes_on_quadratics(tmp_path, capsys):
     (["meta-train", "--task", "quadratic", "--estimator", "es", "--second-order", "--out", "x.pt"],
      "second_order .* only estimator='tbptt'"),
     (["compare", "--task", "generalist"], "evaluated on held-out models by benchmarks/generalist.py"),
+    (["meta-train", "--task", "quadratic", "--components", "quadratic=1", "--out", "x.pt"],
+     "--components chooses the generalist mixture's components; --task quadratic has none"),
+    (["meta-train", "--task", "generalist", "--components", "cifar=1", "--out", "x.pt"],
+     r"unknown components \['cifar'\]"),
     (["meta-train", "--task", "quadratic", "--min-horizon", "5", "--out", "x.pt"],
      "min_horizon is the shortest horizon of horizon_schedule='log_uniform'"),
 ])

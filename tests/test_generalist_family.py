@@ -9,6 +9,7 @@ from l2o.tasks import META, TRAIN
 from l2o.unroll import loss_and_grads
 from optimizees.generalist import COMPONENTS, generalist_family, random_convnet, random_mlp
 from optimizees.sequence import MarkovChain, sequence_family
+from optimizees.transformer import TransformerLanguageModel
 from tests.conformance import check_task
 
 
@@ -68,10 +69,11 @@ def test_random_architectures_vary():
     assert out.shape == (2, 7)
 
 
-def test_sequence_tasks_learn_their_chain():
-    """A GRU trained by Adam for 150 steps approaches its chain's entropy rate on held-out text."""
+@pytest.mark.parametrize("model", ["gru", "transformer"])
+def test_sequence_tasks_learn_their_chain(model):
+    """A language model trained by Adam for 150 steps approaches its chain's entropy rate on held-out text."""
     torch.manual_seed(0)
-    fam = sequence_family(vocab=8, hidden=16, length=12, batch_size=32)
+    fam = sequence_family(vocab=8, hidden=16, length=12, batch_size=32, model=model)
     task = fam.sample(torch.Generator().manual_seed(3))
     params = {k: v.clone().requires_grad_() for k, v in task.init(torch.Generator()).items()}
     opt = torch.optim.Adam(params.values(), lr=3e-2)
@@ -86,6 +88,38 @@ def test_sequence_tasks_learn_their_chain():
     entropy = float(-(P * P.log()).sum(1).mean())
     end = float(task.loss(params, held_out).detach())
     assert end < start - 0.5 and end < entropy + 0.35, (start, end, entropy)
+
+
+def test_transformer_is_causal_and_initialised_like_gpt2():
+    torch.manual_seed(0)
+    net = TransformerLanguageModel(vocab=11, dim=32, length=10, layers=2, heads=4)
+    tokens = torch.randint(11, (3, 10))
+    logits = net(tokens)
+    assert logits.shape == (3, 10, 11)
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 11
+    after = net(changed)
+    torch.testing.assert_close(after[:, :6], logits[:, :6], rtol=0, atol=1e-6)  # the past does not see the future
+    assert not torch.allclose(after[:, 6:], logits[:, 6:])
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    assert abs(float(params["blocks.0.fc.weight"].std()) - 0.02) < 0.003
+    assert abs(float(params["blocks.1.proj.weight"].std()) - 0.01) < 0.002  # 0.02 / sqrt(2 * layers)
+    assert not params["blocks.0.qkv.bias"].any() and torch.equal(params["ln_f.weight"], torch.ones(32))
+    with pytest.raises(ValueError, match=r"shape \(B, L\) with L <= 10"):
+        net(torch.zeros(2, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of heads"):
+        TransformerLanguageModel(vocab=11, dim=30, length=10, heads=4)
+
+
+def test_sequence_family_checks_its_model():
+    with pytest.raises(ValueError, match="model must be one of gru, transformer, got 'lstm'"):
+        sequence_family(model="lstm")
+    with pytest.raises(ValueError, match=r"hidden \(30\) must be a multiple of heads \(4\)"):
+        sequence_family(model="transformer", hidden=30, heads=4)
+    fam = sequence_family(model="transformer", hidden=16, layers=2)
+    assert fam.name == "markov-transformer16-v16"
+    assert fam.config()["model"] == "transformer" and fam.config()["layers"] == 2
+    check_task(fam.sample(torch.Generator().manual_seed(0)))
 
 
 def test_markov_chains_are_drawn_from_the_generator():

@@ -69,7 +69,22 @@ def task_families() -> dict[str, Callable[[argparse.Namespace], Any]]:
 def generalist_family(args: argparse.Namespace) -> Any:
     from optimizees.generalist import generalist_family as mixture
 
-    return mixture(args.data)
+    return mixture(args.data, components=getattr(args, "components", None))
+
+
+def components(text: str) -> dict[str, float]:
+    """``--components``: ``NAME=WEIGHT`` pairs separated by commas (``mnist-mlp=3,markov-transformer=2``)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, weight = part.strip().partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs separated by commas (e.g. mnist-mlp=3,"
+                                             f"markov-transformer=2), got {text!r}")
+        w = _number(weight.strip(), float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+        if name.strip() in out:
+            raise argparse.ArgumentTypeError(f"component {name.strip()!r} is named twice in {text!r}")
+        out[name.strip()] = w
+    return out
 
 
 #: Per-task defaults of the LSTM rule built by ``l2o meta-train``. Quadratics: the paper's raw-gradient

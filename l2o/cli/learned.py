@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (COMPARE_DEFAULTS, META_TRAIN_DEFAULTS, RULE_DEFAULTS, RUN_DEFAULTS, UsageError, add_device_arg,
-                     add_distributed_args,
+                     add_distributed_args, components,
                      add_task_args, checking_arguments, compact_history, family_from_args, float_pair, format_table,
                      mnist_family, nonnegative_float, on_device, plot_path, positive_float, positive_int, prepare_run, probability,
                      resolve_device, RuleProgress, save_figure, say, tasks_per_step, write_outputs)
@@ -30,6 +30,9 @@ def add_meta_train_parser(sub: Any) -> None:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(mt)
     mt.add_argument("--out", required=True, type=Path, help="checkpoint path to write")
+    mt.add_argument("--components", type=components, default=None, metavar="NAME=W,...",
+                    help="generalist: the mixture's components and their weights (default mnist-mlp=3,mnist-conv=2,"
+                         "omniglot-conv=2,markov-gru=2,quadratic=1; markov-transformer is available too)")
     mt.add_argument("--rule", default=None, choices=["lstm", "mlp"],
                     help="the learned rule: lstm (the coordinate-wise LSTM; quadratic and mnist default) or mlp "
                          "(l2o.MLPRule, 4 floats of state per parameter; generalist default)")
@@ -164,6 +167,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if args.task not in RUN_DEFAULTS:
             family_from_args(args)  # names the known tasks
         defaults = RUN_DEFAULTS[args.task]
+        if args.components is not None and args.task != "generalist":
+            raise UsageError(f"--components chooses the generalist mixture's components; --task {args.task} has none")
         import torch
 
         torch.manual_seed(args.seed)
