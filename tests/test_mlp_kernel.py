@@ -117,6 +117,44 @@ def test_threads_give_identical_bits(variant):  # noqa: F811
 
 
 @needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_flushes_subnormals_and_restores_the_callers_mode(threads, variant):  # noqa: F811
+    """Subnormal accumulators (decayed momenta of coordinates whose gradient stays near zero) come
+    out of the kernel as zeros, where the torch path keeps them subnormal; the updates agree, and
+    the calling thread still computes subnormals afterwards."""
+    rule = _generalist()
+    tiny = torch.finfo(torch.float32).tiny
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(30, 40, generator=gen), "b": torch.randn(70_000, generator=gen)}
+    grads = {k: torch.randn(p.shape, generator=gen) * 1e-3 for k, p in params.items()}
+    for g in grads.values():
+        g.view(-1)[::2] = 0.0  # half the coordinates: no gradient, their accumulators decay
+    results = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for enabled in (True, False):
+            state = rule.init(params)
+            for acc in (*state.momentum, state.second_moment):
+                for k, t in acc.items():
+                    t.fill_(tiny / 4)  # subnormal
+            kernels.set_enabled(enabled)
+            with torch.no_grad():
+                updates, state = rule.update_(grads, state, params, step=2000)
+            results.append(({k: u.clone() for k, u in updates.items()}, state))
+    finally:
+        kernels.set_enabled(True)
+        torch.set_num_threads(before)
+    (got, s_got), (want, s_want) = results
+    for k in params:
+        idle = grads[k].view(-1) == 0
+        kernel_m, torch_m = s_got.momentum[0][k].view(-1)[idle], s_want.momentum[0][k].view(-1)[idle]
+        assert torch.all(kernel_m == 0) and torch.all((torch_m > 0) & (torch_m < tiny))
+        _near(got[k], want[k])
+    assert float(torch.tensor(tiny) / 4) > 0  # the caller's floating-point mode is untouched
+
+
+@needs_compiler
 def test_kernel_matches_its_twin_with_nan_and_wide_hidden_layers():
     """The twin contract directly: H beyond the unrolled 8, a NaN gradient stays NaN (never a
     finite update), and the self-test's own cases pass."""

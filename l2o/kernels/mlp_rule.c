@@ -26,6 +26,13 @@
  *
  * Every coordinate of phase 3 is computed by the same instructions whatever the chunking (lanes
  * are independent), so the update too is the same on any number of threads.
+ *
+ * Subnormal floats (below 1.2e-38: the decayed momenta and second moments of coordinates whose
+ * gradient has stayed near zero, e.g. an autoencoder's border pixels) are read as zero and results
+ * that would be subnormal are written as zero, on every thread of the call (x86's FTZ and DAZ
+ * bits, AArch64's FZ; the caller's floating-point state is restored on return). Arithmetic on
+ * them takes microcode assists many times slower than normal floats; the values they stand for
+ * are far below anything the update can resolve.
  */
 
 #define MLP_F 12          /* features per coordinate (NUM_FEATURES) */
@@ -41,6 +48,20 @@
 
 #include <math.h>
 #include <stdlib.h>
+
+/* Flush subnormals to zero on this thread until MLP_FLUSH_END (see the header comment). */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define MLP_FLUSH_BEGIN const unsigned int mlp_csr = _mm_getcsr(); _mm_setcsr(mlp_csr | 0x8040u);
+#define MLP_FLUSH_END _mm_setcsr(mlp_csr);
+#elif defined(__aarch64__)
+#define MLP_FLUSH_BEGIN uint64_t mlp_fpcr; __asm__ volatile("mrs %0, fpcr" : "=r"(mlp_fpcr)); \
+    __asm__ volatile("msr fpcr, %0" : : "r"(mlp_fpcr | (UINT64_C(1) << 24)));
+#define MLP_FLUSH_END __asm__ volatile("msr fpcr, %0" : : "r"(mlp_fpcr));
+#else
+#define MLP_FLUSH_BEGIN
+#define MLP_FLUSH_END
+#endif
 
 typedef double l2o_dvec __attribute__((vector_size(8 * L2O_LANES)));
 
@@ -386,6 +407,7 @@ int l2o_mlp_update_f32(int64_t ntensors, const int64_t *dims, float *const *ptrs
         free(fscratch);
         return 1;
     }
+    MLP_FLUSH_BEGIN
     for (int64_t e = 0; e < ntensors; ++e) {
         const int64_t *d = dims + e * D_COUNT;
         float *const *t = ptrs + e * P_COUNT;
@@ -396,11 +418,16 @@ int l2o_mlp_update_f32(int64_t ntensors, const int64_t *dims, float *const *ptrs
         float *gamma = alpha + (factored ? I * R : 0);
         const int64_t nt1 = threads < tasks1 ? (threads > 1 ? threads : 1) : (tasks1 > 1 ? tasks1 : 1);
         (void)nt1;
-#pragma omp parallel for num_threads((int)nt1) schedule(static) if (nt1 > 1 && I * n >= 2 * MLP_GROUP)
-        for (int64_t task = 0; task < tasks1; ++task) {
-            const int64_t i = task / groups, q = task % groups;
-            mlp_accumulate_group(t, d, coef, i, q, groups, part + task * 6,
-                                 factored ? colpart + task * C : NULL, factored ? rmean + i * R : NULL);
+#pragma omp parallel num_threads((int)nt1) if (nt1 > 1 && I * n >= 2 * MLP_GROUP)
+        {
+            MLP_FLUSH_BEGIN
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < tasks1; ++task) {
+                const int64_t i = task / groups, q = task % groups;
+                mlp_accumulate_group(t, d, coef, i, q, groups, part + task * 6,
+                                     factored ? colpart + task * C : NULL, factored ? rmean + i * R : NULL);
+            }
+            MLP_FLUSH_END
         }
         for (int64_t i = 0; i < I; ++i)
             mlp_scalars(t, d, coef, i, groups, part + i * groups * 6, factored ? colpart + i * groups * C : NULL,
@@ -410,14 +437,20 @@ int l2o_mlp_update_f32(int64_t ntensors, const int64_t *dims, float *const *ptrs
         const int64_t per = (n + MLP_CHUNK - 1) / MLP_CHUNK, tasks3 = I * per;
         const int64_t nt3 = threads < tasks3 ? (threads > 1 ? threads : 1) : (tasks3 > 1 ? tasks3 : 1);
         (void)nt3;
-#pragma omp parallel for num_threads((int)nt3) schedule(static) if (nt3 > 1)
-        for (int64_t task = 0; task < tasks3; ++task) {
-            const int64_t i = task / per, q = task % per;
-            const int64_t j0 = q * MLP_CHUNK, j1 = j0 + MLP_CHUNK < n ? j0 + MLP_CHUNK : n;
-            mlp_step_chunk(t, d, coef, i, j0, j1, svals + i * 6, factored ? alpha + i * R : NULL,
-                           factored ? gamma + i * C : NULL, w1, hidden, last, H, L);
+#pragma omp parallel num_threads((int)nt3) if (nt3 > 1)
+        {
+            MLP_FLUSH_BEGIN
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < tasks3; ++task) {
+                const int64_t i = task / per, q = task % per;
+                const int64_t j0 = q * MLP_CHUNK, j1 = j0 + MLP_CHUNK < n ? j0 + MLP_CHUNK : n;
+                mlp_step_chunk(t, d, coef, i, j0, j1, svals + i * 6, factored ? alpha + i * R : NULL,
+                               factored ? gamma + i * C : NULL, w1, hidden, last, H, L);
+            }
+            MLP_FLUSH_END
         }
     }
+    MLP_FLUSH_END
     free(dscratch);
     free(fscratch);
     return 0;
