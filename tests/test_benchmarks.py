@@ -282,3 +282,19 @@ def test_generalist_argparse_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         _load_generalist().main(argv)
     assert exc.value.code == 2
+
+
+def test_step_scale_of_adam_is_one(tmp_path, capsys):
+    """benchmarks/step_scale.py: Adam at lr 1e-3 against its own shadow takes steps of ratio 1 on every
+    tensor; the command line prints the table and writes the JSON."""
+    spec = importlib.util.spec_from_file_location("benchmarks_step_scale", REPO / "benchmarks" / "step_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.step_scale("char-gpt", "adam", 3, [0, 2, 5])
+    assert out["steps"] == [0, 2] and len(out["loss"]) == 2 and out["loss"][1] < out["loss"][0] + 0.5
+    assert len(out["ratio"]) == 28  # every parameter tensor of char-gpt
+    for ratios in out["ratio"].values():
+        assert len(ratios) == 2 and all(abs(r - 1.0) < 1e-4 for r in ratios)
+    js = tmp_path / "s.json"
+    assert module.main(["--task", "char-gpt", "--rule", "adam", "--steps", "2", "--at", "0,1", "--json", str(js)]) == 0
+    assert "wte.weight" in capsys.readouterr().out and json.loads(js.read_text())["rule"] == "adam"
