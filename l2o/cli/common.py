@@ -76,14 +76,13 @@ def components(text: str) -> dict[str, float]:
     """``--components``: ``NAME=WEIGHT`` pairs separated by commas (``mnist-mlp=3,markov-transformer=2``)."""
     out: dict[str, float] = {}
     for part in text.split(","):
-        name, sep, weight = part.strip().partition("=")
-        if not sep or not name.strip():
+        name, sep, weight = (x.strip() for x in part.partition("="))
+        if not sep or not name:
             raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs separated by commas (e.g. mnist-mlp=3,"
                                              f"markov-transformer=2), got {text!r}")
-        w = _number(weight.strip(), float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-        if name.strip() in out:
-            raise argparse.ArgumentTypeError(f"component {name.strip()!r} is named twice in {text!r}")
-        out[name.strip()] = w
+        if name in out:
+            raise argparse.ArgumentTypeError(f"component {name!r} is named twice in {text!r}")
+        out[name] = _number(weight, float, lambda v: v > 0, "a positive number")
     return out
 
 
