@@ -439,6 +439,18 @@ def test_meta_train_generalist_components(tmp_path, capsys, shared_data_dir):
     assert "markov-transformer32-v32" in json.dumps(family) and "mnist-mlp" not in json.dumps(family)
 
 
+def test_components_help_names_the_mixtures_defaults():
+    """The help text's default weights are written out by hand (building the parser imports no
+    optimizees): they must be the mixture's."""
+    from l2o.cli import build_parser
+    from optimizees.generalist import COMPONENTS, OPTIONAL_COMPONENTS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = next(a.help for a in sub.choices["meta-train"]._actions if "--components" in a.option_strings)
+    assert "(default " + ",".join(f"{k}={v:g}" for k, v in COMPONENTS.items()) + ";" in text
+    assert all(name in text for name in OPTIONAL_COMPONENTS)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--components", "markov-transformer"], "expected NAME=WEIGHT pairs"),
     (["--components", "quadratic=0"], "expected a positive number, got 0.0"),

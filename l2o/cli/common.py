@@ -72,20 +72,6 @@ def generalist_family(args: argparse.Namespace) -> Any:
     return mixture(args.data, components=getattr(args, "components", None))
 
 
-def components(text: str) -> dict[str, float]:
-    """``--components``: ``NAME=WEIGHT`` pairs separated by commas (``mnist-mlp=3,markov-transformer=2``)."""
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        name, sep, weight = (x.strip() for x in part.partition("="))
-        if not sep or not name:
-            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs separated by commas (e.g. mnist-mlp=3,"
-                                             f"markov-transformer=2), got {text!r}")
-        if name in out:
-            raise argparse.ArgumentTypeError(f"component {name!r} is named twice in {text!r}")
-        out[name] = _number(weight, float, lambda v: v > 0, "a positive number")
-    return out
-
-
 #: Per-task defaults of the LSTM rule built by ``l2o meta-train``. Quadratics: the paper's raw-gradient
 #: inputs with output scale 0.01 instead of its 1 (0.29x tuned Adam at step 100 against 0.36x, in the
 #: same meta-training time; measured 1 / 0.3 / 0.1 / 0.03 / 0.01: 0.359 / 0.350 / 0.320 / 0.297 / 0.291).
@@ -141,6 +127,20 @@ def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str) -
     if not (math.isfinite(value) and ok(value)):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def components(text: str) -> dict[str, float]:
+    """``--components``: ``NAME=WEIGHT`` pairs separated by commas (``mnist-mlp=3,markov-transformer=2``)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, weight = (x.strip() for x in part.partition("="))
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs separated by commas (e.g. mnist-mlp=3,"
+                                             f"markov-transformer=2), got {text!r}")
+        if name in out:
+            raise argparse.ArgumentTypeError(f"component {name!r} is named twice in {text!r}")
+        out[name] = _number(weight, float, lambda v: v > 0, "a positive number")
+    return out
 
 
 def positive_int(text: str) -> int:
