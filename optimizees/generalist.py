@@ -22,6 +22,9 @@ Not in the default mixture, chosen with ``components=`` (``l2o meta-train --comp
 ``markov-transformer``  a 1-2 block decoder-only Transformer (width 32, 2 heads, GPT-2's
                         initialisation, :mod:`optimizees.transformer`) on a random Markov chain
                         over 32 tokens per task, 32-token sequences
+``zipf-transformer``    a 1-block Transformer (width 64, 4 heads) on a Zipf-skewed Markov chain
+                        over 64 or 128 tokens per task (a text-like unigram distribution: a few
+                        frequent tokens, many rare ones), 32-token sequences, batches of 8
 ======================  ========================================================================
 
 Every image model's initial weights are its module's own initialisation times a log-uniform
@@ -56,7 +59,7 @@ __all__ = ["generalist_family", "COMPONENTS", "OPTIONAL_COMPONENTS", "random_mlp
 COMPONENTS: dict[str, float] = {"mnist-mlp": 3.0, "mnist-conv": 2.0, "omniglot-conv": 2.0, "markov-gru": 2.0,
                                 "quadratic": 1.0}
 #: Components that ``components=`` may add to the default ones.
-OPTIONAL_COMPONENTS: tuple[str, ...] = ("markov-transformer",)
+OPTIONAL_COMPONENTS: tuple[str, ...] = ("markov-transformer", "zipf-transformer")
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                                                     "sigmoid": nn.Sigmoid, "elu": nn.ELU}
@@ -191,6 +194,11 @@ def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
         for layers in (1, 2):
             add(sequence_family(model="transformer", vocab=32, hidden=32, length=32, layers=layers, heads=2,
                                 init_scale=_INIT_SCALE), weights["markov-transformer"] / 2)
+    if "zipf-transformer" in weights:
+        for vocab in (64, 128):
+            add(sequence_family(model="transformer", vocab=vocab, hidden=64, length=32, layers=1, heads=4,
+                                batch_size=8, temperature=1.0, zipf=1.0, init_scale=_INIT_SCALE),
+                weights["zipf-transformer"] / 2)
     if "quadratic" in weights:
         add(QuadraticFamily(dim=20, num_functions=1), weights["quadratic"])
     return TaskMixture(families, w, name="generalist")

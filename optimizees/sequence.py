@@ -2,8 +2,13 @@ r"""Small sequence models on synthetic Markov-chain text (next-token prediction)
 Transformer (:mod:`optimizees.transformer`).
 
 Each task draws its own language, a first-order Markov chain over ``vocab`` tokens whose
-transition rows are :math:`\operatorname{softmax}(z / \tau)` with :math:`z \sim \mathcal N(0, I)`
-(temperature :math:`\tau` = ``temperature``: lower is more predictable), and a language model,
+transition rows are :math:`\operatorname{softmax}(z / \tau - s \log \pi)` with :math:`z \sim
+\mathcal N(0, I)` (temperature :math:`\tau` = ``temperature``: lower is more predictable) and
+:math:`\pi` a random permutation of the ranks :math:`1, \dots, V`; with the Zipf exponent
+:math:`s` = ``zipf`` above 0 a few tokens are frequent in every context and most are rare, as in
+text (:math:`s = 1` and :math:`\tau = 1` over 64-128 tokens: the unigram entropy is 0.7-0.9 nats
+below :math:`\log V`, and the chain's entropy rate about 0.4 below that), and with :math:`s = 0` (the default) every token is about as
+frequent as any other. Then a language model,
 a GRU :math:`\text{embed} \to \text{GRU}(d) \to \text{linear}` or a small decoder-only
 Transformer (:class:`~optimizees.transformer.TransformerLanguageModel`), trained with the mean
 next-token cross-entropy
@@ -68,9 +73,12 @@ class GRULanguageModel(nn.Module):
 class MarkovChain:
     """A random first-order Markov chain over ``vocab`` tokens (see the module docstring)."""
 
-    def __init__(self, vocab: int, temperature: float, generator: torch.Generator) -> None:
+    def __init__(self, vocab: int, temperature: float, generator: torch.Generator, zipf: float = 0.0) -> None:
         self.vocab = vocab
         logits = torch.randn(vocab, vocab, generator=generator) / temperature
+        if zipf > 0:
+            ranks = torch.randperm(vocab, generator=generator).to(logits.dtype) + 1.0
+            logits = logits - zipf * ranks.log()
         self.transitions = logits.softmax(-1)
 
     def sample(self, batch: int, length: int, generator: torch.Generator) -> Tensor:
@@ -111,7 +119,8 @@ class _SequenceFamily(ModuleFamily):
     """:func:`sequence_family`'s family: every task draws its chain, then its model."""
 
     def __init__(self, vocab: int, hidden: int, length: int, batch_size: int, temperature: float,
-                 init_scale: Any, name: str, model: str = "gru", layers: int = 1, heads: int = 2) -> None:
+                 init_scale: Any, name: str, model: str = "gru", layers: int = 1, heads: int = 2,
+                 zipf: float = 0.0) -> None:
         def make(g: torch.Generator) -> nn.Module:
             if model == "gru":
                 return GRULanguageModel(vocab, hidden)
@@ -119,29 +128,33 @@ class _SequenceFamily(ModuleFamily):
 
         super().__init__(make, _no_shared_batches, _next_token_loss, name=name, init_scale=init_scale)
         self.vocab, self.hidden, self.length, self.batch_size, self.temperature = vocab, hidden, length, batch_size, temperature
-        self.architecture, self.layers, self.heads = model, layers, heads
+        self.architecture, self.layers, self.heads, self.zipf = model, layers, heads, zipf
 
     def task_batches(self, generator: torch.Generator) -> _ChainBatches:
         """A new task's language (its chain) and held-out set, drawn before its model."""
-        return _ChainBatches(MarkovChain(self.vocab, self.temperature, generator), self.batch_size, self.length,
-                             generator)
+        return _ChainBatches(MarkovChain(self.vocab, self.temperature, generator, self.zipf), self.batch_size,
+                             self.length, generator)
 
     def config(self) -> dict[str, Any]:
         out = {**super().config(), "model": self.architecture, "vocab": self.vocab, "hidden": self.hidden,
                "length": self.length, "batch_size": self.batch_size, "temperature": self.temperature}
         if self.architecture == "transformer":
             out.update(layers=self.layers, heads=self.heads)
+        if self.zipf:
+            out["zipf"] = self.zipf
         return out
 
 
 def sequence_family(*, vocab: int = 16, hidden: int = 32, length: int = 16, batch_size: int = 32,
                     temperature: float = 0.5, init_scale: float | tuple[float, float] = 1.0,
-                    name: str | None = None, model: str = "gru", layers: int = 1, heads: int = 2) -> ModuleFamily:
+                    name: str | None = None, model: str = "gru", layers: int = 1, heads: int = 2,
+                    zipf: float = 0.0) -> ModuleFamily:
     """Tasks of a language model on a random :class:`MarkovChain` each (module docstring).
 
     ``model`` is ``"gru"`` (a :class:`GRULanguageModel` of ``hidden`` units) or ``"transformer"`` (a
     :class:`~optimizees.transformer.TransformerLanguageModel` of width ``hidden``, ``layers``
-    blocks and ``heads`` heads, its position embedding ``length`` long).
+    blocks and ``heads`` heads, its position embedding ``length`` long). ``zipf`` is the chain's
+    Zipf exponent :math:`s` (0: no skew).
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -153,5 +166,7 @@ def sequence_family(*, vocab: int = 16, hidden: int = 32, length: int = 16, batc
     if length < 2:
         raise ValueError(f"length must be at least 2 (next-token prediction), got {length}")
     temperature = check_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
-    return _SequenceFamily(vocab, hidden, length, batch_size, temperature, init_scale,
-                           name or f"markov-{model}{hidden}-v{vocab}", model, layers, heads)
+    zipf = check_hyperparameter("zipf", zipf, low=0.0)
+    default_name = f"{'zipf' if zipf else 'markov'}-{model}{hidden}-v{vocab}"
+    return _SequenceFamily(vocab, hidden, length, batch_size, temperature, init_scale, name or default_name,
+                           model, layers, heads, zipf)

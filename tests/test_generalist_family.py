@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -126,6 +128,53 @@ def test_markov_chains_are_drawn_from_the_generator():
     a = MarkovChain(5, 0.5, torch.Generator().manual_seed(1)).transitions
     b = MarkovChain(5, 0.5, torch.Generator().manual_seed(1)).transitions
     assert torch.equal(a, b) and torch.allclose(a.sum(1), torch.ones(5))
+
+
+def _stationary(transitions: torch.Tensor) -> torch.Tensor:
+    pi = torch.full((transitions.shape[0],), 1.0 / transitions.shape[0], dtype=torch.float64)
+    for _ in range(500):
+        pi = pi @ transitions.double()
+    return pi
+
+
+def _entropy(p: torch.Tensor) -> float:
+    return float(-(p * p.log()).sum())
+
+
+def test_a_zipf_chain_skews_the_unigrams_and_zero_keeps_the_plain_chain():
+    plain = MarkovChain(64, 1.0, torch.Generator().manual_seed(3)).transitions
+    expected = (torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) / 1.0).softmax(-1)
+    assert torch.equal(MarkovChain(64, 1.0, torch.Generator().manual_seed(3), zipf=0.0).transitions, expected)
+    assert torch.equal(plain, expected)
+    skewed = MarkovChain(64, 1.0, torch.Generator().manual_seed(3), zipf=1.0).transitions
+    assert torch.allclose(skewed.sum(1), torch.ones(64, dtype=skewed.dtype))
+    pi_plain, pi_skewed = _stationary(plain), _stationary(skewed)
+    # Uniform tokens: the unigram entropy is within 0.1 nats of log V; Zipf's s = 1 takes 0.5 or more off.
+    assert _entropy(pi_plain) > math.log(64) - 0.1
+    assert _entropy(pi_skewed) < math.log(64) - 0.5
+    # The most frequent token is far more frequent than the rarest, in every context.
+    assert float(pi_skewed.max() / pi_skewed.min()) > 20 and float(pi_plain.max() / pi_plain.min()) < 5
+
+
+def test_sequence_family_zipf_is_checked_named_and_recorded():
+    with pytest.raises(ValueError, match=r"zipf must be a finite number in \[0.0, inf\), got -1"):
+        sequence_family(zipf=-1)
+    fam = sequence_family(model="transformer", vocab=24, hidden=16, heads=2, zipf=1.0, length=8, batch_size=4)
+    assert fam.name == "zipf-transformer16-v24" and fam.config()["zipf"] == 1.0
+    assert "zipf" not in sequence_family().config()  # a plain chain's config is as it was
+    task = fam.sample(torch.Generator().manual_seed(0))
+    check_task(task)
+    tokens, _ = task.sample_batch(TRAIN, torch.Generator().manual_seed(1))
+    assert tokens.shape == (4, 8) and int(tokens.max()) < 24
+
+
+def test_the_zipf_transformer_component(shared_data_dir):
+    mix = generalist_family(shared_data_dir, components={"zipf-transformer": 1.0})
+    configs = [f.config() for f in mix.families]
+    assert [(c["vocab"], c["hidden"], c["layers"], c["heads"], c["batch_size"], c["zipf"]) for c in configs] == [
+        (64, 64, 1, 4, 8, 1.0), (128, 64, 1, 4, 8, 1.0)]
+    task = mix.sample(torch.Generator().manual_seed(2))
+    check_task(task)
 
 
 def test_unknown_components_are_named(shared_data_dir):
