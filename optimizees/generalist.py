@@ -19,6 +19,8 @@ component               tasks
 Not in the default mixture, chosen with ``components=`` (``l2o meta-train --components``):
 
 ======================  ========================================================================
+``mnist-mlp-deep``      deeper MLPs on MNIST: 4-6 hidden layers of 32 or 64 units, ReLU / GELU /
+                        tanh, PyTorch's initialisation, batches of 32 or 128
 ``markov-transformer``  a 1-2 block decoder-only Transformer (width 32, 2 heads, GPT-2's
                         initialisation, :mod:`optimizees.transformer`) on a random Markov chain
                         over 32 tokens per task, 32-token sequences
@@ -28,7 +30,8 @@ Not in the default mixture, chosen with ``components=`` (``l2o meta-train --comp
 ======================  ========================================================================
 
 Every image model's initial weights are its module's own initialisation times a log-uniform
-scale in [0.5, 2]. Every task has held-out data, which its ``meta`` split samples minibatches of
+scale in [0.5, 2], except the deeper MLPs', which keep PyTorch's (a factor of 2 over 7 layers would
+blow up their outputs). Every task has held-out data, which its ``meta`` split samples minibatches of
 (so a meta-loss can reward what generalises). Data: the first 50,000 MNIST training images
 (minibatches; the held-out set is 1000 of the other 10,000 training images) and the Omniglot characters of the
 meta-training split (:func:`optimizees.omniglot.split_characters`, ``"train"``). No test image
@@ -59,7 +62,7 @@ __all__ = ["generalist_family", "COMPONENTS", "OPTIONAL_COMPONENTS", "random_mlp
 COMPONENTS: dict[str, float] = {"mnist-mlp": 3.0, "mnist-conv": 2.0, "omniglot-conv": 2.0, "markov-gru": 2.0,
                                 "quadratic": 1.0}
 #: Components that ``components=`` may add to the default ones.
-OPTIONAL_COMPONENTS: tuple[str, ...] = ("markov-transformer", "zipf-transformer")
+OPTIONAL_COMPONENTS: tuple[str, ...] = ("mnist-mlp-deep", "markov-transformer", "zipf-transformer")
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                                                     "sigmoid": nn.Sigmoid, "elu": nn.ELU}
@@ -73,11 +76,14 @@ def _choice(options: tuple[Any, ...], generator: torch.Generator) -> Any:
     return options[int(torch.randint(len(options), (), generator=generator))]
 
 
-def random_mlp(inputs: int, classes: int, generator: torch.Generator) -> nn.Module:
-    """An MLP with 1-3 hidden layers of 16-128 units and an activation drawn from ``generator``."""
-    depth = _choice((1, 2, 3), generator)
-    width = _choice((16, 32, 64, 128), generator)
-    act = _ACTIVATIONS[_choice(tuple(_ACTIVATIONS), generator)]
+def random_mlp(inputs: int, classes: int, generator: torch.Generator, *, depths: tuple[int, ...] = (1, 2, 3),
+               widths: tuple[int, ...] = (16, 32, 64, 128),
+               activations: tuple[str, ...] = tuple(_ACTIVATIONS)) -> nn.Module:
+    """An MLP whose number of hidden layers, their width and the activation are drawn from
+    ``generator`` (by default 1-3 layers of 16-128 units, any of :data:`_ACTIVATIONS`)."""
+    depth = _choice(depths, generator)
+    width = _choice(widths, generator)
+    act = _ACTIVATIONS[_choice(activations, generator)]
     layers: list[nn.Module] = [nn.Flatten()]
     n = inputs
     for _ in range(depth):
@@ -167,7 +173,7 @@ def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
         families.append(family)
         w.append(weight)
 
-    if "mnist-mlp" in weights or "mnist-conv" in weights:
+    if {"mnist-mlp", "mnist-mlp-deep", "mnist-conv"} & set(weights):
         mnist = MNISTData(data_dir)
         images = mnist.train_x.reshape(-1, 1, 28, 28)
         held_out = (mnist.val_x[:_HELD_OUT_IMAGES].reshape(-1, 1, 28, 28), mnist.val_y[:_HELD_OUT_IMAGES])
@@ -176,6 +182,11 @@ def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
                 add(ModuleFamily(lambda g: random_mlp(784, 10, g), _ImageBatches(images, mnist.train_y, held_out, b),
                                  F.cross_entropy, name=f"mnist-mlp-b{b}", init_scale=_INIT_SCALE),
                     weights["mnist-mlp"] / 2)
+            if "mnist-mlp-deep" in weights:
+                add(ModuleFamily(lambda g: random_mlp(784, 10, g, depths=(4, 5, 6), widths=(32, 64),
+                                                      activations=("relu", "gelu", "tanh")),
+                                 _ImageBatches(images, mnist.train_y, held_out, b), F.cross_entropy,
+                                 name=f"mnist-mlp-deep-b{b}"), weights["mnist-mlp-deep"] / 2)
         for b in (32, 64):
             if "mnist-conv" in weights:
                 add(ModuleFamily(lambda g: random_convnet(10, g), _ImageBatches(images, mnist.train_y, held_out, b),

@@ -71,6 +71,36 @@ def test_random_architectures_vary():
     assert out.shape == (2, 7)
 
 
+def test_random_mlp_draws_from_the_given_depths_widths_and_activations():
+    seen = set()
+    for s in range(40):
+        net = random_mlp(784, 10, torch.Generator().manual_seed(s), depths=(4, 5, 6), widths=(32, 64),
+                         activations=("relu", "gelu", "tanh"))
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        acts = {type(m).__name__ for m in net if not isinstance(m, (torch.nn.Linear, torch.nn.Flatten))}
+        assert len(linears) - 1 in (4, 5, 6) and {m.out_features for m in linears[:-1]} <= {32, 64}
+        assert len(acts) == 1 and acts <= {"ReLU", "GELU", "Tanh"}
+        seen.add((len(linears) - 1, linears[0].out_features, acts.pop()))
+    assert len(seen) > 8
+    # The defaults draw what they always drew: the same generator, the same network.
+    a = random_mlp(784, 10, torch.Generator().manual_seed(7))
+    b = random_mlp(784, 10, torch.Generator().manual_seed(7), depths=(1, 2, 3), widths=(16, 32, 64, 128),
+                   activations=("relu", "tanh", "gelu", "sigmoid", "elu"))
+    assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
+
+
+def test_the_deep_mlp_component_keeps_pytorch_initialisation(shared_data_dir):
+    mix = generalist_family(shared_data_dir, components={"mnist-mlp-deep": 1.0})
+    assert [f.name for f in mix.families] == ["mnist-mlp-deep-b32", "mnist-mlp-deep-b128"]
+    for s in range(4):
+        task = mix.sample(torch.Generator().manual_seed(s))
+        check_task(task)
+        weights = [v for k, v in task.init(None).items() if k.endswith("weight")]
+        assert 5 <= len(weights) <= 7
+        bound = 1 / math.sqrt(weights[1].shape[1])  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert float(weights[1].abs().max()) <= bound
+
+
 @pytest.mark.parametrize("model", ["gru", "transformer"])
 def test_sequence_tasks_learn_their_chain(model):
     """A language model trained by Adam for 150 steps approaches its chain's entropy rate on held-out text."""
