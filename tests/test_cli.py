@@ -451,6 +451,52 @@ def test_components_help_names_the_mixtures_defaults():
     assert all(name in text for name in OPTIONAL_COMPONENTS)
 
 
+_SHORT_QUADRATIC = ["--task", "quadratic", "--epochs", "2", "--horizon", "6", "--truncation", "3",
+                    "--validate-every", "2", "--num-val-tasks", "1", "--no-progress"]
+
+
+def test_meta_train_init_from_a_shipped_rule_and_from_a_checkpoint(tmp_path, capsys):
+    """``--init-from`` fine-tunes: the run starts from the loaded rule's meta-params (not a fresh
+    rule's), keeps its kind and size, and records where it started."""
+    from l2o.checkpoints import load_rule
+    from l2o.pretrained import list_pretrained, load_pretrained
+
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert main(["meta-train", "--out", str(first), "--init-from", "quadratic", "--meta-lr", "1e-6", "--meta-lr-final", "1e-6",
+                 *_SHORT_QUADRATIC]) == 0, capsys.readouterr().err
+    shipped, tuned = load_pretrained("quadratic"), load_rule(first)
+    assert tuned.config() == shipped.config()
+    moved = max(float((a - b).abs().max()) for a, b in zip(tuned.parameters(), shipped.parameters()))
+    assert 0 < moved < 1e-4  # a few meta-steps at lr 1e-6 from the shipped rule, far from any fresh one
+    provenance = torch.load(first, weights_only=True)["provenance"]
+    sha = next(e["sha256"] for e in list_pretrained() if e["name"] == "quadratic")
+    assert provenance["init_from"] == {"pretrained": "quadratic", "sha256": sha}
+    assert main(["meta-train", "--out", str(second), "--init-from", str(first), "--meta-lr", "1e-6", "--meta-lr-final", "1e-6",
+                 *_SHORT_QUADRATIC]) == 0, capsys.readouterr().err
+    again = torch.load(second, weights_only=True)["provenance"]["init_from"]
+    assert again["checkpoint"] == str(first) and again["provenance"]["init_from"]["pretrained"] == "quadratic"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--init-from", "quadratic", "--hidden-size", "4"], "--hidden-size shapes a new rule; --init-from quadratic"),
+    (["--init-from", "quadratic", "--rule", "mlp", "--layers", "2"], "--rule, --layers shape a new rule"),
+    (["--init-from", "no-such-rule"], "neither a shipped rule .* nor a checkpoint file"),
+])
+def test_meta_train_init_from_refuses_what_it_cannot_honour(tmp_path, capsys, argv, match):
+    code = main(["meta-train", "--out", str(tmp_path / "x.pt"), *argv, *_SHORT_QUADRATIC])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_meta_train_init_from_a_damaged_checkpoint_names_it(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code = main(["meta-train", "--out", str(tmp_path / "x.pt"), "--init-from", str(bad), *_SHORT_QUADRATIC])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--init-from {str(bad)!r}: refusing to load" in err and bad.read_bytes() == b"not a checkpoint"
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--components", "markov-transformer"], "expected NAME=WEIGHT pairs"),
     (["--components", "quadratic=0"], "expected a positive number, got 0.0"),

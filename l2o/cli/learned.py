@@ -32,11 +32,15 @@ def add_meta_train_parser(sub: Any) -> None:
     mt.add_argument("--out", required=True, type=Path, help="checkpoint path to write")
     mt.add_argument("--components", type=components, default=None, metavar="NAME=W,...",
                     help="generalist: the mixture's components and their weights (default mnist-mlp=3,mnist-conv=2,"
-                         "omniglot-conv=2,markov-gru=2,quadratic=1; markov-transformer and zipf-transformer are available "
-                         "too)")
+                         "omniglot-conv=2,markov-gru=2,quadratic=1; mnist-mlp-deep, markov-transformer and "
+                         "zipf-transformer are available too)")
     mt.add_argument("--rule", default=None, choices=["lstm", "mlp"],
                     help="the learned rule: lstm (the coordinate-wise LSTM; quadratic and mnist default) or mlp "
                          "(l2o.MLPRule, 4 floats of state per parameter; generalist default)")
+    mt.add_argument("--init-from", default=None, metavar="NAME|PATH",
+                    help="start from a trained rule instead of a fresh one: a shipped rule's name (l2o.list_pretrained()) "
+                         "or a checkpoint; the rule keeps its kind and size (fine-tuning, e.g. the generalist on your "
+                         "own mixture)")
     mt.add_argument("--epochs", type=positive_int, default=None,
                     help="rounds of tasks to train on (default 1000; generalist 400)")
     mt.add_argument("--horizon", type=positive_int, default=None,
@@ -173,7 +177,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-        rule = _rule_from_args(args, args.rule or defaults["rule"])
+        rule, init_from = ((_rule_from_args(args, args.rule or defaults["rule"]), None) if args.init_from is None
+                           else _initial_rule(args))
         family = family_from_args(args)
         config = MetaTrainConfig(seed=args.seed)
         for field in ("epochs", "horizon", "truncation", "horizon_schedule", "min_horizon", "estimator", "es_std",
@@ -218,6 +223,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         "command": "l2o " + " ".join(sys.argv[1:]),
         "cpu": cpu,
     }
+    if init_from is not None:
+        provenance["init_from"] = init_from
     if device.type != "cpu":
         provenance["device"] = str(device)
     if args.distributed:
@@ -250,6 +257,34 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 #: ``l2o meta-train`` flags that configure the LSTM rule only (refused with ``--rule mlp``).
 _LSTM_ONLY = ("preprocess", "output_scale", "adam_lr", "momentum_lr", "nesterov_lr", "rnnprop_betas")
+
+
+def _initial_rule(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """``--init-from``: the rule to fine-tune (a shipped name or a checkpoint path) and where it came from."""
+    from ..checkpoints import CheckpointError, load_checkpoint, rule_from_checkpoint
+    from ..pretrained import list_pretrained, load_pretrained, sha256_file
+
+    shaping = [f"--{name.replace('_', '-')}" for name in ("rule", "hidden_size", "layers", *_LSTM_ONLY)
+               if getattr(args, name) is not None]
+    shaping += ["--zero-init-output"] if args.zero_init_output else []
+    if shaping:
+        verb = "shapes" if len(shaping) == 1 else "shape"
+        raise UsageError(f"{', '.join(shaping)} {verb} a new rule; --init-from {args.init_from} keeps the kind and "
+                         "size of the rule it loads, so drop them (or drop --init-from to train a new rule)")
+    source = args.init_from
+    shipped = {entry["name"]: entry for entry in list_pretrained()}
+    try:
+        if source in shipped:
+            return load_pretrained(source), {"pretrained": source, "sha256": shipped[source]["sha256"]}
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"--init-from {source!r} is neither a shipped rule ({', '.join(shipped)}) nor a checkpoint "
+                             "file; give a name from l2o.list_pretrained() or the path of an l2o meta-train --out file")
+        data = load_checkpoint(path)
+        return (rule_from_checkpoint(data, source=str(path)),
+                {"checkpoint": str(path), "sha256": sha256_file(path), "provenance": data.get("provenance")})
+    except CheckpointError as exc:
+        raise UsageError(f"--init-from {source!r}: {exc}") from None
 
 
 def _rule_from_args(args: argparse.Namespace, kind: str) -> Any:
