@@ -529,6 +529,8 @@ def test_meta_train_with_pes_on_quadratics(tmp_path, capsys):
      "--components chooses the generalist mixture's components; --task quadratic has none"),
     (["meta-train", "--task", "generalist", "--components", "cifar=1", "--out", "x.pt"],
      r"unknown components \['cifar'\]"),
+    (["meta-train", "--task", "quadratic", "--meta-lr", "1e-5", "--out", "x.pt"],
+     r"meta_lr_final \(0.0001\) is above meta_lr \(1e-05\).*\(--meta-lr-final\)"),
     (["meta-train", "--task", "quadratic", "--min-horizon", "5", "--out", "x.pt"],
      "min_horizon is the shortest horizon of horizon_schedule='log_uniform'"),
 ])

@@ -527,6 +527,8 @@ def test_a_family_that_redraws_a_different_task_is_refused(tmp_path, recorded_st
     ({"config": {"epochs": 2}}, TypeError, "config must be a MetaTrainConfig"),
     ({"config": MetaTrainConfig(seed=1.5)}, ValueError, "seed must be an integer"),
     ({"config": MetaTrainConfig(meta_lr_final="small")}, ValueError, "meta_lr_final must be a positive number"),
+    ({"config": MetaTrainConfig(meta_lr=1e-5)}, ValueError,
+     r"meta_lr_final \(0.0001\) is above meta_lr \(1e-05\): the schedule decays"),
     ({"config": MetaTrainConfig(second_order="yes")}, ValueError, "second_order must be True or False"),
     ({"family": object()}, TypeError, "family must be a task family"),
     ({"rule": torch.nn.Linear(2, 2)}, TypeError, "rule must be an l2o rule"),

@@ -70,7 +70,7 @@ def add_meta_train_parser(sub: Any) -> None:
                          "with training-progress inputs (mlp) learns to use it and to do without (default 0; "
                          "generalist 0.5)")
     mt.add_argument("--meta-lr", type=positive_float, default=None, help="initial Adam meta learning rate (default 1e-2)")
-    mt.add_argument("--meta-lr-final", type=positive_float, default=None, help="final meta lr of the cosine decay (default 1e-4)")
+    mt.add_argument("--meta-lr-final", type=positive_float, default=None, help="final meta lr of the cosine decay, at most --meta-lr (default 1e-4)")
     mt.add_argument("--validate-every", type=positive_int, default=None, help="epochs between validations (default 50)")
     mt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     mt.add_argument("--hidden-size", type=positive_int, default=None,

@@ -142,6 +142,10 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if value is not None and not (is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        if self.meta_lr_final is not None and self.meta_lr_final > self.meta_lr:
+            raise ValueError(f"meta_lr_final ({self.meta_lr_final:g}) is above meta_lr ({self.meta_lr:g}): the schedule "
+                             "decays from meta_lr to meta_lr_final, so give a meta_lr_final at most meta_lr "
+                             "(--meta-lr-final), or None for a constant meta learning rate")
         if isinstance(self.validate_every, bool) or not isinstance(self.validate_every, int) or self.validate_every < 0:
             raise ValueError(f"validate_every must be an integer >= 0, got {self.validate_every!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
