@@ -271,7 +271,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> None:
             "step_time_vs_adam": statistics.fmean(step_ratio), "run_time_vs_adam": statistics.fmean(run_ratio),
             "state_bytes_per_param": statistics.fmean(r["state_bytes_per_param"] for r in runs),
             "diverged_seeds": sum(r["diverged"] for r in runs), "seeds": len(runs)}
-    ref = {k: results[k]["summary"]["final_loss_mean"] for k in (ADAM, ADAMW)}
+    ref = {k: results[k]["summary"]["final_loss_mean"] if k in results else None for k in (ADAM, ADAMW)}
     for res in results.values():
         m = res["summary"]["final_loss_mean"]
         res["summary"]["vs_adam"] = m / ref[ADAM] if _finite(m) and ref[ADAM] else None
@@ -310,7 +310,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The report's tables: one per task, then the ratios of every optimizer on every task."""
     cfg = report["config"]
     out = [f"## Held-out suite: {len(cfg['seeds'])} seed(s) {', '.join(map(str, cfg['seeds']))}, tuning seed "
-           f"{cfg['tuning_seed']}, {cfg['threads']} thread(s){' (fast: a smoke test, not a result)' if cfg['fast'] else ''}"]
+           f"{cfg['tuning_seed']}, {cfg['threads']} thread(s){' (fast: a smoke test, not a result)' if cfg['fast'] else ''}"
+           + ("" if cfg.get("tuning", True) else "; no tuning (Adam@1e-3 and the rules only: a screen, not the suite)")]
     done = {k: v for k, v in report["tasks"].items() if not v.get("skipped")}
     for name, task in report["tasks"].items():
         if task.get("skipped"):
@@ -333,7 +334,9 @@ def markdown(report: dict[str, Any]) -> str:
                    + (f"\n\nbest lr at the edge of its grid: {', '.join(edge)}" if edge else ""))
     if done:
         opts = list(next(iter(done.values()))["optimizers"])
-        for key, title in (("vs_adam", "held-out loss / Adam@1e-3's"), ("vs_adamw_tuned", "held-out loss / tuned AdamW's")):
+        ratios = [("vs_adam", "held-out loss / Adam@1e-3's")]
+        ratios += [("vs_adamw_tuned", "held-out loss / tuned AdamW's")] if cfg.get("tuning", True) else []
+        for key, title in ratios:
             rows = [(opt, *(_fmt(t["optimizers"][opt]["summary"][key], ".3f") if opt in t["optimizers"] else "–"
                             for t in done.values())) for opt in opts]
             out.append(f"\n### {title}\n\n" + _table(("optimizer", *done), rows))
@@ -401,6 +404,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     report: dict[str, Any] = {
         "suite": "generalist",
         "config": {"fast": args.fast, "seeds": args.seeds, "tuning_seed": args.tuning_seed, "threads": args.threads,
+                   "tuning": not args.no_tuning,
                    "steps": args.steps, "divergence_factor": args.divergence_factor,
                    "adamw_grid": list(adamw_grid), "sgdm_grid": list(sgdm_grid), "adamw_weight_decay": 0.01,
                    "sgd_momentum": 0.9, "rules": [o.name for o in learned], "data": str(args.data) if args.data else None},
@@ -426,14 +430,17 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         entry["params"] = sum(p.numel() for p in task.make_model().parameters())
         log(f"{task.name}: {task.title}, {entry['params']:,} parameters, {steps} steps")
         factor = args.divergence_factor
-        entry["tuning"] = {
-            "adamw": tune(task, splits, _adamw, adamw_grid, args.tuning_seed, steps, factor, log, "adamw"),
-            "sgdm": tune(task, splits, _sgdm, sgdm_grid, args.tuning_seed, steps, factor, log, "sgdm")}
-        opts = [Contender(ADAM, "torch", _adam(1e-3), 1e-3, "torch.optim.Adam(params, lr=1e-3)"),
-                Contender(ADAMW, "torch", _adamw(entry["tuning"]["adamw"]["best_lr"]), entry["tuning"]["adamw"]["best_lr"],
-                          "torch.optim.AdamW(params, lr=<tuned>) (weight_decay 0.01)"),
-                Contender(SGDM, "torch", _sgdm(entry["tuning"]["sgdm"]["best_lr"]), entry["tuning"]["sgdm"]["best_lr"],
-                          "torch.optim.SGD(params, lr=<tuned>, momentum=0.9)"), *learned]
+        opts = [Contender(ADAM, "torch", _adam(1e-3), 1e-3, "torch.optim.Adam(params, lr=1e-3)")]
+        entry["tuning"] = {}
+        if not args.no_tuning:
+            entry["tuning"] = {
+                "adamw": tune(task, splits, _adamw, adamw_grid, args.tuning_seed, steps, factor, log, "adamw"),
+                "sgdm": tune(task, splits, _sgdm, sgdm_grid, args.tuning_seed, steps, factor, log, "sgdm")}
+            adamw_lr, sgdm_lr = entry["tuning"]["adamw"]["best_lr"], entry["tuning"]["sgdm"]["best_lr"]
+            opts += [Contender(ADAMW, "torch", _adamw(adamw_lr), adamw_lr,
+                               "torch.optim.AdamW(params, lr=<tuned>) (weight_decay 0.01)"),
+                     Contender(SGDM, "torch", _sgdm(sgdm_lr), sgdm_lr, "torch.optim.SGD(params, lr=<tuned>, momentum=0.9)")]
+        opts += learned
         results = {o.name: {"kind": o.kind, "lr": o.lr, "source": o.source, "runs": []} for o in opts}
         for seed in args.seeds:
             for o in opts:  # back to back, Adam first: the times of one seed are measured together
@@ -447,7 +454,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         summarise(results)
         entry["optimizers"] = results
         entry["wall_s"] = time.perf_counter() - t_task
-        if not args.fast:
+        if not args.fast and entry["tuning"]:
             entry["projected_full_s"] = project(task, entry)
             entry["projected_full_cpu_s"] = project(task, entry, key="train_cpu_s")
         if args.out_dir is not None:
@@ -514,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-seed", type=int, default=1000, help="the seed of the tuning runs (default 1000)")
     p.add_argument("--steps", type=_positive(int), default=None,
                    help="training steps of every run (default: each task's, at least 2000; --fast: 4)")
+    p.add_argument("--no-tuning", action="store_true",
+                   help="skip the tuned AdamW and SGD-momentum (and their 10 tuning runs per task): Adam@1e-3 and the "
+                        "rules only, to screen checkpoints (the report says so; not the suite's result)")
     p.add_argument("--fast", action="store_true", help="few steps, one seed, two-point grids, small evaluation sets: "
                                                         "a smoke test, not a result")
     p.add_argument("--data", type=Path, default=None,

@@ -253,6 +253,26 @@ def test_generalist_missing_data_skips_with_a_message(tmp_path, monkeypatch, cap
     assert "skipping fashion-resmlp" in capsys.readouterr().out
 
 
+def test_generalist_no_tuning_screens_rules_against_adam_only(tmp_path, shared_data_dir):
+    """--no-tuning: no tuning runs, no tuned baselines; Adam@1e-3 and the rules, and the report says so."""
+    generalist = _load_generalist()
+    js, md = tmp_path / "g.json", tmp_path / "g.md"
+    code = generalist.main(["--fast", "--no-tuning", "--no-shipped", "--rule", "generalist", "--data",
+                            str(shared_data_dir), "--tasks", "mnist-deep-mlp", "--json", str(js),
+                            "--out-dir", str(tmp_path / "o"), "--markdown", str(md)])
+    assert code == 0
+    report = json.loads(js.read_text())
+    assert report["config"]["tuning"] is False
+    task = report["tasks"]["mnist-deep-mlp"]
+    assert task["tuning"] == {} and "projected_full_s" not in task
+    assert list(task["optimizers"]) == ["adam-1e-3", "generalist", "generalist+total_steps"]
+    for res in task["optimizers"].values():
+        assert res["summary"]["vs_adamw_tuned"] is None and math.isfinite(res["summary"]["vs_adam"])
+    text = md.read_text()
+    assert "no tuning (Adam@1e-3 and the rules only: a screen, not the suite)" in text
+    assert "held-out loss / Adam@1e-3's" in text and "tuned AdamW's" not in text
+
+
 def test_generalist_flags_divergence():
     """A run whose loss blows up is flagged (and stopped at a non-finite loss); a sane one is not."""
     generalist = _load_generalist()
