@@ -81,6 +81,12 @@ def random_mlp(inputs: int, classes: int, generator: torch.Generator, *, depths:
                activations: tuple[str, ...] = tuple(_ACTIVATIONS)) -> nn.Module:
     """An MLP whose number of hidden layers, their width and the activation are drawn from
     ``generator`` (by default 1-3 layers of 16-128 units, any of :data:`_ACTIVATIONS`)."""
+    for name, options in (("depths", depths), ("widths", widths), ("activations", activations)):
+        if not options:
+            raise ValueError(f"{name} is empty; give at least one choice")
+    unknown = sorted(set(activations) - set(_ACTIVATIONS))
+    if unknown:
+        raise ValueError(f"unknown activations {unknown}; choose from {', '.join(_ACTIVATIONS)}")
     depth = _choice(depths, generator)
     width = _choice(widths, generator)
     act = _ACTIVATIONS[_choice(activations, generator)]

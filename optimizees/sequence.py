@@ -7,8 +7,8 @@ transition rows are :math:`\operatorname{softmax}(z / \tau - s \log \pi)` with :
 :math:`\pi` a random permutation of the ranks :math:`1, \dots, V`; with the Zipf exponent
 :math:`s` = ``zipf`` above 0 a few tokens are frequent in every context and most are rare, as in
 text (:math:`s = 1` and :math:`\tau = 1` over 64-128 tokens: the unigram entropy is 0.7-0.9 nats
-below :math:`\log V`, and the chain's entropy rate about 0.4 below that), and with :math:`s = 0` (the default) every token is about as
-frequent as any other. Then a language model,
+below :math:`\log V`, and the chain's entropy rate about 0.4 below that), and with :math:`s = 0`
+(the default) every token is about as frequent as any other. Then a language model,
 a GRU :math:`\text{embed} \to \text{GRU}(d) \to \text{linear}` or a small decoder-only
 Transformer (:class:`~optimizees.transformer.TransformerLanguageModel`), trained with the mean
 next-token cross-entropy

@@ -87,6 +87,10 @@ def test_random_mlp_draws_from_the_given_depths_widths_and_activations():
     b = random_mlp(784, 10, torch.Generator().manual_seed(7), depths=(1, 2, 3), widths=(16, 32, 64, 128),
                    activations=("relu", "tanh", "gelu", "sigmoid", "elu"))
     assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
+    with pytest.raises(ValueError, match=r"unknown activations \['swish'\]; choose from relu, tanh"):
+        random_mlp(784, 10, torch.Generator(), activations=("relu", "swish"))
+    with pytest.raises(ValueError, match="depths is empty"):
+        random_mlp(784, 10, torch.Generator(), depths=())
 
 
 def test_the_deep_mlp_component_keeps_pytorch_initialisation(shared_data_dir):
