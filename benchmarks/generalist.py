@@ -57,7 +57,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import l2o  # noqa: E402
-from generalist_tasks import TASKS, MissingData, Splits, Task, default_data_dir, iter_tasks  # noqa: E402
+from generalist_tasks import (ALL_TASKS, EXTRA_TASKS, TASKS, MissingData, Splits, Task,  # noqa: E402
+                              default_data_dir, iter_tasks, unknown_tasks_message)
 
 ADAM = "adam-1e-3"
 ADAMW = "adamw-tuned"
@@ -488,10 +489,9 @@ def _seeds(text: str) -> list[int]:
 
 def _tasks(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in ALL_TASKS]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or repr(text)}; the suite's tasks are "
-                                         f"{', '.join(TASKS)}")
+        raise argparse.ArgumentTypeError(unknown_tasks_message(unknown or [repr(text)]))
     return list(dict.fromkeys(names))
 
 
@@ -511,12 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     p = argparse.ArgumentParser(prog="benchmarks/generalist.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="tasks: " + ", ".join(TASKS))
+                                epilog="tasks: " + ", ".join(TASKS) + "; run only when named: " + ", ".join(EXTRA_TASKS))
     p.add_argument("--rule", action="append", default=[], metavar="NAME_OR_PATH",
                    help="a further learned rule: a shipped name (l2o.list_pretrained()) or a checkpoint path; repeatable")
     p.add_argument("--no-shipped", action="store_true",
                    help="leave out the shipped rules (only --rule rules and the baselines)")
-    p.add_argument("--tasks", type=_tasks, default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--tasks", type=_tasks, default=None, help="comma-separated task names (default: the suite's; "
+                   "mnist-bn-convnet and mnist-resmlp, the Fashion-MNIST models on MNIST, only when named)")
     p.add_argument("--seeds", type=_seeds, default=None, help="reported seeds (default 0,1,2; --fast: 0)")
     p.add_argument("--tuning-seed", type=int, default=1000, help="the seed of the tuning runs (default 1000)")
     p.add_argument("--steps", type=_positive(int), default=None,

@@ -549,12 +549,12 @@ def _generalist_usage(args: argparse.Namespace) -> str | None:
                     "checkpoint file")
     if args.tasks is not None:
         sys.path.insert(0, str(BENCH))
-        from generalist_tasks import TASKS
+        from generalist_tasks import ALL_TASKS, unknown_tasks_message
 
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [t for t in names if t not in TASKS]
+        unknown = [t for t in names if t not in ALL_TASKS]
         if unknown or not names:
-            return f"--tasks {args.tasks}: unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(TASKS)}"
+            return f"--tasks {args.tasks}: {unknown_tasks_message(unknown or [repr(args.tasks)])}"
     return None
 
 

@@ -273,6 +273,30 @@ def test_generalist_no_tuning_screens_rules_against_adam_only(tmp_path, shared_d
     assert "held-out loss / Adam@1e-3's" in text and "tuned AdamW's" not in text
 
 
+def test_generalist_extra_tasks_run_the_fashion_models_on_mnist_only_when_named(tmp_path, shared_data_dir):
+    """mnist-bn-convnet and mnist-resmlp are the Fashion-MNIST tasks' models on MNIST: not in the default
+    suite, run when named, with the same parameter count as their Fashion-MNIST twins."""
+    generalist = _load_generalist()
+    tasks = sys.modules["generalist_tasks"]
+    assert set(tasks.EXTRA_TASKS).isdisjoint(tasks.TASKS) and list(tasks.ALL_TASKS)[:len(tasks.TASKS)] == list(tasks.TASKS)
+    assert [t.name for t in tasks.iter_tasks(None)] == list(tasks.TASKS)
+    for extra, twin in (("mnist-bn-convnet", "fashion-bn-convnet"), ("mnist-resmlp", "fashion-resmlp")):
+        a, b = tasks.EXTRA_TASKS[extra], tasks.TASKS[twin]
+        assert a.make_model is b.make_model and a.loss is b.loss and (a.steps, a.batch_size) == (b.steps, b.batch_size)
+    js = tmp_path / "g.json"
+    code = generalist.main(["--fast", "--no-tuning", "--no-shipped", "--rule", "generalist", "--data",
+                            str(shared_data_dir), "--tasks", "mnist-bn-convnet,mnist-resmlp", "--json", str(js),
+                            "--out-dir", str(tmp_path / "o")])
+    assert code == 0
+    report = json.loads(js.read_text())
+    assert list(report["tasks"]) == ["mnist-bn-convnet", "mnist-resmlp"]
+    for name, task in report["tasks"].items():
+        assert task["skipped"] is None and "MNIST" in task["source"] and "Fashion" not in task["source"]
+        torch.manual_seed(0)
+        assert task["params"] == sum(p.numel() for p in tasks.TASKS[name.replace("mnist", "fashion")].make_model().parameters())
+        assert all(math.isfinite(r["final_loss"]) for res in task["optimizers"].values() for r in res["runs"])
+
+
 def test_generalist_flags_divergence():
     """A run whose loss blows up is flagged (and stopped at a non-finite loss); a sane one is not."""
     generalist = _load_generalist()
