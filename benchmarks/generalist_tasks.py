@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from optimizees.data import DataError
 from optimizees.mlp import MNISTData
 
-__all__ = ["MissingData", "Splits", "Task", "TASKS", "EXTRA_TASKS", "ALL_TASKS", "DEBIAN_FASHION_DIR", "load_text", "VOCAB_SIZE"]
+__all__ = ["MissingData", "Splits", "Task", "TASKS", "EXTRA_TASKS", "ALL_TASKS", "DEBIAN_FASHION_DIR", "load_text",
+           "VOCAB_SIZE", "unknown_tasks_message"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the Fashion-MNIST files.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

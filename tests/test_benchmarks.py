@@ -278,7 +278,8 @@ def test_generalist_extra_tasks_run_the_fashion_models_on_mnist_only_when_named(
     suite, run when named, with the same parameter count as their Fashion-MNIST twins."""
     generalist = _load_generalist()
     tasks = sys.modules["generalist_tasks"]
-    assert set(tasks.EXTRA_TASKS).isdisjoint(tasks.TASKS) and list(tasks.ALL_TASKS)[:len(tasks.TASKS)] == list(tasks.TASKS)
+    assert set(tasks.EXTRA_TASKS).isdisjoint(tasks.TASKS)
+    assert list(tasks.ALL_TASKS)[:len(tasks.TASKS)] == list(tasks.TASKS)
     assert [t.name for t in tasks.iter_tasks(None)] == list(tasks.TASKS)
     for extra, twin in (("mnist-bn-convnet", "fashion-bn-convnet"), ("mnist-resmlp", "fashion-resmlp")):
         a, b = tasks.EXTRA_TASKS[extra], tasks.TASKS[twin]
@@ -293,7 +294,8 @@ def test_generalist_extra_tasks_run_the_fashion_models_on_mnist_only_when_named(
     for name, task in report["tasks"].items():
         assert task["skipped"] is None and "MNIST" in task["source"] and "Fashion" not in task["source"]
         torch.manual_seed(0)
-        assert task["params"] == sum(p.numel() for p in tasks.TASKS[name.replace("mnist", "fashion")].make_model().parameters())
+        twin = tasks.TASKS[name.replace("mnist", "fashion")]
+        assert task["params"] == sum(p.numel() for p in twin.make_model().parameters())
         assert all(math.isfinite(r["final_loss"]) for res in task["optimizers"].values() for r in res["runs"])
 
 
