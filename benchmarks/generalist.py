@@ -57,8 +57,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import l2o  # noqa: E402
-from generalist_tasks import (ALL_TASKS, EXTRA_TASKS, TASKS, MissingData, Splits, Task,  # noqa: E402
-                              default_data_dir, iter_tasks, unknown_tasks_message)
+from generalist_tasks import (EXTRA_TASKS, TASKS, MissingData, Splits, Task, default_data_dir,  # noqa: E402
+                              iter_tasks, task_names_error)
 
 ADAM = "adam-1e-3"
 ADAMW = "adamw-tuned"
@@ -489,9 +489,9 @@ def _seeds(text: str) -> list[int]:
 
 def _tasks(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in ALL_TASKS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(unknown_tasks_message(unknown or [repr(text)]))
+    error = task_names_error(names)
+    if error:
+        raise argparse.ArgumentTypeError(error)
     return list(dict.fromkeys(names))
 
 

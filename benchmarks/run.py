@@ -549,12 +549,11 @@ def _generalist_usage(args: argparse.Namespace) -> str | None:
                     "checkpoint file")
     if args.tasks is not None:
         sys.path.insert(0, str(BENCH))
-        from generalist_tasks import ALL_TASKS, unknown_tasks_message
+        from generalist_tasks import task_names_error
 
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [t for t in names if t not in ALL_TASKS]
-        if unknown or not names:
-            return f"--tasks {args.tasks}: {unknown_tasks_message(unknown or [repr(args.tasks)])}"
+        error = task_names_error([t.strip() for t in args.tasks.split(",") if t.strip()])
+        if error:
+            return f"--tasks {args.tasks}: {error}"
     return None
 
 
