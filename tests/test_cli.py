@@ -489,6 +489,24 @@ def test_meta_train_init_from_refuses_what_it_cannot_honour(tmp_path, capsys, ar
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_meta_train_max_step_ratio_sets_the_mlp_rules_bound(tmp_path, capsys):
+    from l2o.checkpoints import load_rule
+
+    out = tmp_path / "bounded.pt"
+    assert main(["meta-train", "--out", str(out), "--rule", "mlp", "--max-step-ratio", "1.5",
+                 *_SHORT_QUADRATIC]) == 0, capsys.readouterr().err
+    assert load_rule(out).max_step_ratio == 1.5
+    again = tmp_path / "again.pt"
+    assert main(["meta-train", "--out", str(again), "--init-from", str(out), "--max-step-ratio", "3",
+                 *_SHORT_QUADRATIC]) == 0, capsys.readouterr().err
+    assert load_rule(again).max_step_ratio == 3.0
+    code = main(["meta-train", "--out", str(tmp_path / "x.pt"), "--rule", "lstm", "--max-step-ratio", "2",
+                 *_SHORT_QUADRATIC])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-step-ratio bounds the steps of the mlp rule" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_meta_train_init_from_a_damaged_checkpoint_names_it(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -37,6 +37,7 @@ RULES = {
     "trained": lambda: trained_mlp_rule(total_steps=6),
     "two_layers": lambda: trained_mlp_rule(1, hidden_layers=2, hidden_size=5),
     "plain": lambda: trained_mlp_rule(2, residual=False, hidden_size=11, exp_mult=0.5),
+    "bounded": lambda: trained_mlp_rule(4, max_step_ratio=0.3),
 }
 
 
@@ -155,9 +156,10 @@ def test_kernel_flushes_subnormals_and_restores_the_callers_mode(threads, varian
 
 
 @needs_compiler
-def test_kernel_matches_its_twin_with_nan_and_wide_hidden_layers():
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_kernel_matches_its_twin_with_nan_and_wide_hidden_layers(ratio):
     """The twin contract directly: H beyond the unrolled 8, a NaN gradient stays NaN (never a
-    finite update), and the self-test's own cases pass."""
+    finite update, with or without the max_step_ratio bound), and the self-test's own cases pass."""
     mlp = kernels.mlp_update(40, threads=1)
     assert mlp is not None
     assert selftest._mlp(mlp, torch.Generator().manual_seed(1)) is None
@@ -169,7 +171,7 @@ def test_kernel_matches_its_twin_with_nan_and_wide_hidden_layers():
                torch.zeros(0)]
     first, hidden, last = torch.randn(3, 40, 13), torch.empty(0, 40, 41), torch.randn(2, 41)
     coef = (0.1, 0.01, 0.001, 0.999, 0.001, 0.001, 10.0, 100.0, 1000.0, 1000.0, 1000.0, 1000.0 ** 0.5, 1e-8,
-            1e-3, 0.0, 1.0)
+            1e-3, 0.0, 1.0, ratio)
     outs = []
     for fn in (mlp.update, twin.mlp_update):
         entry = ((1, 100, 1, 100, 0, 0), (*(t.clone() for t in tensors), torch.empty(100)))

@@ -79,6 +79,8 @@ def test_registered_and_exported():
     ({"momentum_decays": (0.9, 0.99)}, "momentum_decays"), ({"momentum_decays": (0.9, 1.0, 0.5)}, "momentum_decays"),
     ({"second_moment_decay": 1.0}, "second_moment_decay"), ({"eps": 0.0}, "eps"), ({"instance_dims": -1}, "instance_dims"),
     ({"total_steps": 0}, "total_steps"), ({"total_steps": 2.5}, "total_steps"), ({"residual": 1}, "residual"),
+    ({"max_step_ratio": 0.0}, "max_step_ratio"), ({"max_step_ratio": -1.0}, "max_step_ratio"),
+    ({"max_step_ratio": math.inf}, "max_step_ratio"), ({"max_step_ratio": "2"}, "max_step_ratio"),
 ])
 def test_bad_hyperparameters_are_refused_by_name(kw, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -116,6 +118,66 @@ def test_config_round_trip_and_checkpoint(tmp_path):
     for a, b in zip(_run(rule, params, grads_seq, inplace=False)[0], _run(loaded, params, grads_seq, inplace=False)[0]):
         for k in a:
             assert torch.equal(a[k], b[k])
+
+
+def test_max_step_ratio_is_in_the_config_only_when_set(tmp_path):
+    assert "max_step_ratio" not in MLPRule().config()
+    rule = trained_mlp_rule(max_step_ratio=1.5)
+    assert rule.config()["max_step_ratio"] == 1.5 and MLPRule(**rule.config()).config() == rule.config()
+    loaded = load_rule(save_rule(tmp_path / "bounded.pt", rule, {"task": "test"}))
+    assert loaded.max_step_ratio == 1.5
+
+
+def _adam_directions(rule: MLPRule, state: MLPState, step: int) -> dict[str, torch.Tensor]:
+    """Adam's direction :math:`\\hat m^{(1)} / (\\sigma + \\epsilon)` from an updated state."""
+    bc1, _, _, bcv, _ = rule._consts(step)
+    return {k: (m / bc1) / (torch.sqrt((v + mlp_module.TINY) / bcv) + rule.eps)
+            for (k, m), v in zip(state.momentum[0].items(), state.second_moment.values())}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("instance_dims", [0, 1])
+def test_max_step_ratio_bounds_each_tensors_step_and_keeps_its_direction(inplace, instance_dims):
+    """With the bound, a tensor's step is the unbounded step times min(1, kappa eta rms(adam) /
+    rms(u)), per instance: at most kappa times Adam's step, the same direction, and unchanged
+    where the step was already within the bound."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"w": (3, 6, 5), "b": (3, 7), "conv": (3, 2, 2, 3, 3)}
+    params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads["b"] = 0.5 + 0.01 * torch.randn(shapes["b"], generator=gen)  # consistent: a large step
+    free = trained_mlp_rule(3, instance_dims=instance_dims)
+    kappa = 1.2
+    bounded = MLPRule(**{**free.config(), "max_step_ratio": kappa})
+    bounded.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        fn = (lambda r: r.update_) if inplace else (lambda r: r.update)
+        u_free, state = fn(free)(grads, free.init(params), params, step=2)
+        u_bound, _ = fn(bounded)(grads, bounded.init(params), params, step=2)
+    adam = _adam_directions(free, state, 2)
+    dims = tuple(range(instance_dims, 4 + instance_dims))
+    eta = free.nominal_lr
+    bound_hit = within = 0
+    for k in params:
+        lead = (-1,) if instance_dims else ()
+        flat = lambda t: t.reshape(*lead, t[(0,) * instance_dims].numel()) if instance_dims else t.reshape(-1)  # noqa: E731
+        rms = lambda t: flat(t).square().mean(-1).sqrt()  # noqa: E731
+        limit = kappa * eta * rms(adam[k])
+        factor = torch.clamp(limit / rms(u_free[k]), max=1.0)
+        want = flat(u_free[k]) * factor.unsqueeze(-1) if instance_dims else flat(u_free[k]) * factor
+        torch.testing.assert_close(flat(u_bound[k]), want, rtol=1e-5, atol=1e-12)
+        assert bool((rms(u_bound[k]) <= limit * (1 + 1e-5)).all())
+        bound_hit += int((factor < 1).sum())
+        within += int((factor == 1).sum())
+    assert bound_hit > 0 and within > 0, (bound_hit, within, dims)
+
+
+def test_max_step_ratio_second_order_meta_gradient_gradcheck():
+    task = _tiny_mlp_task(5, torch.float64, "tanh")
+    rule = trained_mlp_rule(1, hidden_size=3, residual=True, total_steps=3, instance_dims=1, lr=0.05,
+                            max_step_ratio=0.7).double()
+    fn, inputs = _meta_loss_fn(rule, task, 3, second_order=True)
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 # ----------------------------------------------------------------------------- the untrained rule is Adam

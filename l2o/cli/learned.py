@@ -76,6 +76,10 @@ def add_meta_train_parser(sub: Any) -> None:
     mt.add_argument("--hidden-size", type=positive_int, default=None,
                     help="units per layer of the rule's network (default: LSTM 20, MLP 8)")
     mt.add_argument("--layers", type=positive_int, default=None, help="layers of the rule's network (default: LSTM 2, MLP 1)")
+    mt.add_argument("--max-step-ratio", type=positive_float, default=None, metavar="K",
+                    help="mlp: hold each tensor's step to at most K times the root mean square of Adam's step at the "
+                         "rule's base step size (MLPRule(max_step_ratio=K)); with --init-from it replaces the loaded "
+                         "rule's bound (default: none, or the loaded rule's)")
     mt.add_argument("--preprocess", default=None, choices=["none", "log_sign", "rnnprop"],
                     help="LSTM inputs: none (quadratic default), log_sign (mnist default) or rnnprop "
                          "(Adam-normalised gradient and momentum)")
@@ -168,6 +172,7 @@ def add_compare_parser(sub: Any) -> None:
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from ..checkpoints import save_rule
     from ..meta import MetaTrainConfig, MetaTrainingError, meta_train
+    from ..rules import MLPRule
     with checking_arguments():  # bad values here are usage errors (exit 2); failures of the run exit 1
         if args.task not in RUN_DEFAULTS:
             family_from_args(args)  # names the known tasks
@@ -179,6 +184,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         rule, init_from = ((_rule_from_args(args, args.rule or defaults["rule"]), None) if args.init_from is None
                            else _initial_rule(args))
+        if args.max_step_ratio is not None:
+            if not isinstance(rule, MLPRule):
+                raise UsageError(f"--max-step-ratio bounds the steps of the mlp rule; the rule here is "
+                                 f"{type(rule).__name__} (drop the flag, or use --rule mlp)")
+            rule.max_step_ratio = args.max_step_ratio
         family = family_from_args(args)
         config = MetaTrainConfig(seed=args.seed)
         for field in ("epochs", "horizon", "truncation", "horizon_schedule", "min_horizon", "estimator", "es_std",

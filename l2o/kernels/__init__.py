@@ -515,9 +515,10 @@ class MLPKernel(NamedTuple):
         instances of ``n`` coordinates (``R x C`` row-major when ``factored``), the gradient, the
         param, the three momenta and the second moment (updated in place), the row and column
         statistics ``(I, R)`` and ``(I, C)`` (updated in place; ignored unless factored) and ``u``,
-        which receives the update. ``coef`` is the 16 floats ``1 - beta_1, 1 - beta_2, 1 - beta_3,
+        which receives the update. ``coef`` is the 17 floats ``1 - beta_1, 1 - beta_2, 1 - beta_3,
         beta_v, 1 - beta_v, 1 - beta_f, 1/bc_1, 1/bc_2, 1/bc_3, 1/bc_v, 1/bc_f, sqrt(1/bc_v), eps,
-        lr, log_lr_offset, residual`` (``bc`` the bias corrections); ``first`` the three ranks'
+        lr, log_lr_offset, residual, max_step_ratio`` (``bc`` the bias corrections; ``max_step_ratio``
+        0 for none); ``first`` the three ranks'
         ``(H, 13)`` first layers with the context bias as last column, ``(3, H, 13)``; ``hidden``
         the ``(L - 1, H, H + 1)`` further layers (bias last); ``last`` the ``(2, H + 1)`` output
         layer, its magnitude row times ``exp_mult``. Checks nothing: every tensor must be a

@@ -23,6 +23,10 @@
  *      h = relu(W_1 [x; 1]) with the rank's context bias in W_1's last column, hidden layers
  *      h = relu(W_l [h; 1]), (a, b) = W_o [h; 1] (magnitude row already times exp_mult);
  *      u = -lr exp(clip(b, +-MAGNITUDE_CLIP) + log_lr_offset) (a + m_1 inv / bc_1 if residual).
+ *   4. with max_step_ratio kappa > 0 (the coefficient C_MAX_RATIO; 0: none), per instance: from the
+ *      sums of (m_1 inv)^2 and u^2 that phase 3 adds up per chunk (in double, the chunks' partials
+ *      added in chunk order), limit = kappa lr exp(log_lr_offset) sqrt(mean((m_1 inv)^2) / bc_1^2
+ *      + TINY); if rms(u) > limit, u *= limit / rms(u) (a NaN rms leaves u as it is).
  *
  * Every coordinate of phase 3 is computed by the same instructions whatever the chunking (lanes
  * are independent), so the update too is the same on any number of threads.
@@ -74,7 +78,7 @@ enum {
     C_BV, C_WV,             /* beta_v, 1 - beta_v */
     C_WF,                   /* 1 - beta_f */
     C_INV_BC1, C_INV_BC2, C_INV_BC3, C_INV_BCV, C_INV_BCF, C_SQRT_INV_BCV,
-    C_EPS, C_LR, C_LOG_LR, C_RESIDUAL, C_COUNT
+    C_EPS, C_LR, C_LOG_LR, C_RESIDUAL, C_MAX_RATIO, C_COUNT
 };
 
 /* x in every lane (l2o_splat's 0 + x is an addition the compiler must keep, for x = -0) */
@@ -277,7 +281,7 @@ L2O_INLINE void mlp_step_vec(const float *restrict gp, const float *restrict pp,
                              const float *restrict m2p, const float *restrict m3p, const float *restrict vp,
                              float *restrict up, const float k_[K_COUNT], const l2o_vec *rho, int residual,
                              const float *restrict w1, const float *restrict hid, const float *restrict last,
-                             int64_t H, int64_t L, int64_t j, int64_t w) {
+                             int64_t H, int64_t L, int64_t j, int64_t w, l2o_dvec *sq) {
     const l2o_vec g = mlp_clip(l2o_load(gp + j, w), MLP_GRAD_CLIP), p = l2o_load(pp + j, w);
     const l2o_vec m1 = l2o_load(m1p + j, w), m2 = l2o_load(m2p + j, w), m3 = l2o_load(m3p + j, w);
     l2o_vec sg = l2o_load(vp + j, w) + MLP_TINY;
@@ -312,15 +316,27 @@ L2O_INLINE void mlp_step_vec(const float *restrict gp, const float *restrict pp,
     mlp_network(x, w1, hid, last, H, L, &dir, &mag);
     mag = l2o_exp(mlp_clip(mag, MLP_MAGNITUDE_CLIP) + k_[K_LOG_LR]);
     if (residual) dir = l2o_fma(adam, mlp_splat(k_[K_IB1]), dir);
-    l2o_store(up + j, (mag * dir) * k_[K_NEG_LR], w);
+    const l2o_vec u = (mag * dir) * k_[K_NEG_LR];
+    l2o_store(up + j, u, w);
+    if (sq) { /* phase 4's sums of (m_1 inv)^2 and u^2, over the first w lanes */
+        const l2o_vec a2 = adam * adam, u2 = u * u;
+        if (w >= L2O_LANES) {
+            sq[0] += mlp_wide(a2);
+            sq[1] += mlp_wide(u2);
+        } else {
+            for (int64_t k = 0; k < w; ++k) sq[0][k] += (double)a2[k], sq[1][k] += (double)u2[k];
+        }
+    }
 }
 
 /* Phase 3 on coordinates [j0, j1) of instance i (pointers t not yet offset); s the instance's
  * normalisers, alpha and gamma its factors (factored tensors). */
 L2O_INLINE void mlp_step_run(float *const *t, const int64_t *d, const float *coef, int64_t i, int64_t j0, int64_t j1,
                              const float *s, const float *alpha, const float *gamma, const float *w1,
-                             const float *hid, const float *last, int64_t H, int64_t L) {
+                             const float *hid, const float *last, int64_t H, int64_t L, double *sums) {
     const int64_t n = d[D_N], C = d[D_COLS], factored = d[D_FACTORED] && C > 0;
+    l2o_dvec acc[2] = {{0}, {0}};
+    l2o_dvec *sq = sums ? acc : NULL;
     const float *gp = t[P_G] + i * n, *pp = t[P_P] + i * n, *m1p = t[P_M1] + i * n, *m2p = t[P_M2] + i * n;
     const float *m3p = t[P_M3] + i * n, *vp = t[P_V] + i * n;
     float *up = t[P_U] + i * n;
@@ -342,8 +358,10 @@ L2O_INLINE void mlp_step_run(float *const *t, const int64_t *d, const float *coe
     int64_t j = j0;
     if (!factored) {
         for (; j + L2O_LANES <= j1; j += L2O_LANES)
-            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, NULL, residual, w1, hid, last, H, L, j, L2O_LANES);
-        if (j < j1) mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, NULL, residual, w1, hid, last, H, L, j, j1 - j);
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, NULL, residual, w1, hid, last, H, L, j, L2O_LANES, sq);
+        if (j < j1)
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, NULL, residual, w1, hid, last, H, L, j, j1 - j, sq);
+        if (sums) sums[0] = mlp_hsum(acc[0]), sums[1] = mlp_hsum(acc[1]);
         return;
     }
     int64_t a = j0 / C, b = j0 % C;
@@ -362,21 +380,39 @@ L2O_INLINE void mlp_step_run(float *const *t, const int64_t *d, const float *coe
             }
         }
         if (w >= L2O_LANES)
-            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, &rho, residual, w1, hid, last, H, L, j, L2O_LANES);
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, &rho, residual, w1, hid, last, H, L, j, L2O_LANES, sq);
         else
-            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, &rho, residual, w1, hid, last, H, L, j, w);
+            mlp_step_vec(gp, pp, m1p, m2p, m3p, vp, up, k_, &rho, residual, w1, hid, last, H, L, j, w, sq);
     }
+    if (sums) sums[0] = mlp_hsum(acc[0]), sums[1] = mlp_hsum(acc[1]);
 }
 
 /* Phase 3 on one chunk; H = 8 with one hidden layer (the shipped rule) has its own copy, with the
  * loops over hidden units unrolled. */
 static void mlp_step_chunk(float *const *t, const int64_t *d, const float *coef, int64_t i, int64_t j0, int64_t j1,
                            const float *s, const float *alpha, const float *gamma, const float *w1,
-                           const float *hid, const float *last, int64_t H, int64_t L) {
+                           const float *hid, const float *last, int64_t H, int64_t L, double *sums) {
     if (H == 8 && L == 1)
-        mlp_step_run(t, d, coef, i, j0, j1, s, alpha, gamma, w1, hid, last, 8, 1);
+        mlp_step_run(t, d, coef, i, j0, j1, s, alpha, gamma, w1, hid, last, 8, 1, sums);
     else
-        mlp_step_run(t, d, coef, i, j0, j1, s, alpha, gamma, w1, hid, last, H, L);
+        mlp_step_run(t, d, coef, i, j0, j1, s, alpha, gamma, w1, hid, last, H, L, sums);
+}
+
+/* Phase 4, instance i: the max_step_ratio bound on its update (see the header comment) from the
+ * per chunk sums (2 doubles per chunk, per chunks). */
+static void mlp_bound(float *const *t, const int64_t *d, const float *coef, int64_t i, int64_t per,
+                      const double *sums) {
+    const int64_t n = d[D_N];
+    double sa = 0.0, su = 0.0;
+    for (int64_t q = 0; q < per; ++q) sa += sums[2 * q], su += sums[2 * q + 1];
+    const double inv_n = 1.0 / (double)(n > 1 ? n : 1), ib1 = (double)coef[C_INV_BC1];
+    const double limit = (double)coef[C_MAX_RATIO] * (double)coef[C_LR] * exp((double)coef[C_LOG_LR]) *
+                         sqrt(sa * inv_n * ib1 * ib1 + (double)MLP_TINY);
+    const double rms = sqrt(su * inv_n);
+    if (!(rms > limit)) return;
+    const float f = (float)(limit / rms);
+    float *u = t[P_U] + i * n;
+    for (int64_t j = 0; j < n; ++j) u[j] *= f;
 }
 
 /* Entry point (called through ctypes): one step on ntensors tensors. dims holds D_COUNT int64 per
@@ -397,6 +433,8 @@ int l2o_mlp_update_f32(int64_t ntensors, const int64_t *dims, float *const *ptrs
             nd += I * groups * d[D_COLS];
             nf += 2 * I * (d[D_ROWS] + d[D_COLS]);
         }
+        const int64_t nd3 = I * ((d[D_N] + MLP_CHUNK - 1) / MLP_CHUNK) * 2; /* phase 3's sums (phase 4) */
+        if (nd3 > nd) nd = nd3;
         if (nd > need_d) need_d = nd;
         if (nf > need_f) need_f = nf;
     }
@@ -435,6 +473,7 @@ int l2o_mlp_update_f32(int64_t ntensors, const int64_t *dims, float *const *ptrs
                         factored ? gamma + i * C : NULL);
         const float *w1 = first + d[D_RANK] * H * (MLP_F + 1);
         const int64_t per = (n + MLP_CHUNK - 1) / MLP_CHUNK, tasks3 = I * per;
+        const int bound = coef[C_MAX_RATIO] > 0.0f;
         const int64_t nt3 = threads < tasks3 ? (threads > 1 ? threads : 1) : (tasks3 > 1 ? tasks3 : 1);
         (void)nt3;
 #pragma omp parallel num_threads((int)nt3) if (nt3 > 1)
@@ -445,10 +484,13 @@ int l2o_mlp_update_f32(int64_t ntensors, const int64_t *dims, float *const *ptrs
                 const int64_t i = task / per, q = task % per;
                 const int64_t j0 = q * MLP_CHUNK, j1 = j0 + MLP_CHUNK < n ? j0 + MLP_CHUNK : n;
                 mlp_step_chunk(t, d, coef, i, j0, j1, svals + i * 6, factored ? alpha + i * R : NULL,
-                               factored ? gamma + i * C : NULL, w1, hidden, last, H, L);
+                               factored ? gamma + i * C : NULL, w1, hidden, last, H, L,
+                               bound ? dscratch + task * 2 : NULL); /* phase 1's partials are spent */
             }
             MLP_FLUSH_END
         }
+        if (bound)
+            for (int64_t i = 0; i < I; ++i) mlp_bound(t, d, coef, i, per, dscratch + i * per * 2);
     }
     MLP_FLUSH_END
     free(dscratch);

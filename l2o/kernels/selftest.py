@@ -149,14 +149,15 @@ def _tape(tape: Callable[..., Any], gen: torch.Generator) -> str | None:
             or _compare("l2o_tape_state_f32", (h, c), want[1:3]) or _compare("l2o_tape_backward_f32", grads, want[3:]))
 
 
-def _mlp_case(kernel: Any, gen: torch.Generator, hidden: int, layers: int, residual: bool) -> str | None:
+def _mlp_case(kernel: Any, gen: torch.Generator, hidden: int, layers: int, residual: bool,
+              ratio: float = 0.0) -> str | None:
     shapes = [((1, 37, 1, 37, 0, 0), (37,)), ((1, 35, 5, 7, 1, 1), (5, 7)), ((2, 66, 3, 22, 1, 2), (2, 3, 2, 11)),
               ((3, 5, 1, 5, 0, 0), (3, 5))]
     first = _randn(3, hidden, 13, gen=gen, scale=0.5)
     hid = _randn(layers - 1, hidden, hidden + 1, gen=gen, scale=0.5)
     last = _randn(2, hidden + 1, gen=gen, scale=0.5)
     coef = (0.1, 0.01, 0.001, 0.999, 0.001, 0.01, 1 / 0.271, 1 / 0.0297, 1 / 0.003, 1 / 0.003, 1 / 0.003,
-            (1 / 0.003) ** 0.5, 1e-8, 1e-3, 0.2, float(residual))
+            (1 / 0.003) ** 0.5, 1e-8, 1e-3, 0.2, float(residual), ratio)
     inputs = []
     for dims, shape in shapes:
         I, n, R, C, factored, _ = dims
@@ -172,11 +173,12 @@ def _mlp_case(kernel: Any, gen: torch.Generator, hidden: int, layers: int, resid
         entries = [(dims, (*(t.clone() for t in ts), _empty(*ts[0].shape))) for dims, ts in inputs]
         fn(entries, coef, first, hid, last)
         results.append(tuple(t for _, ts in entries for t in ts[2:]))
-    return _compare(f"l2o_mlp_update_f32 (H={hidden}, {layers} layers)", *results)
+    return _compare(f"l2o_mlp_update_f32 (H={hidden}, {layers} layers, max_step_ratio {ratio})", *results)
 
 
 def _mlp(kernel: Any, gen: torch.Generator) -> str | None:
-    return _mlp_case(kernel, gen, 8, 1, True) or _mlp_case(kernel, gen, 5, 3, False)
+    return (_mlp_case(kernel, gen, 8, 1, True) or _mlp_case(kernel, gen, 5, 3, False)
+            or _mlp_case(kernel, gen, 8, 1, True, 0.5))
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ function works in place on the tensors it is given, for any float dtype and devi
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -129,7 +130,7 @@ def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Te
     r"""The twin of :meth:`l2o.kernels.MLPKernel.update` (same arguments and contract): one step of
     :class:`l2o.MLPRule` on whole tensors, the accumulators updated in place and each update
     written to its ``u`` (the math of :mod:`l2o.rules.mlp`)."""
-    w1, w2, w3, beta_v, w_v, w_f, ib1, ib2, ib3, ibv, ibf, sq, eps, lr, log_lr, residual = coef
+    w1, w2, w3, beta_v, w_v, w_f, ib1, ib2, ib3, ibv, ibf, sq, eps, lr, log_lr, residual, ratio = coef
     F, H = NUM_FEATURES, first.shape[1]
     for (I, n, R, C, factored, rank), (g, p, m1, m2, m3, v, r, c, u) in entries:
         g = g.reshape(I, n).clamp(-GRAD_CLIP, GRAD_CLIP)
@@ -165,4 +166,8 @@ def mlp_update(entries: list, coef: tuple[float, ...], first: Tensor, hidden: Te
         if residual:
             direction = direction + adam * ib1
         step = torch.exp(magnitude.clamp(-MAGNITUDE_CLIP, MAGNITUDE_CLIP) + log_lr) * direction * -lr
+        if ratio > 0.0:
+            limit = (ratio * lr * math.exp(log_lr)) * torch.sqrt((adam * ib1).square().mean(-1, keepdim=True) + TINY)
+            rms = step.square().mean(-1, keepdim=True).sqrt()
+            step = step * torch.where(rms > limit, limit / rms, torch.ones_like(rms))
         u.view(I, n).copy_(step)

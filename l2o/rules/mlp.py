@@ -65,7 +65,17 @@ clipped to :math:`\pm` :data:`MAGNITUDE_CLIP`:
         \begin{cases} \hat m^{(1)} / (\sigma + \epsilon) + a & \text{residual (default)} \\
                       a & \text{otherwise} \end{cases}
 
-with :math:`\mu` = ``exp_mult``. In the residual design the output layer starts at zero, so the
+with :math:`\mu` = ``exp_mult``. With ``max_step_ratio`` :math:`= \kappa`, each tensor's step (each
+instance's) is then held to at most :math:`\kappa` times the root mean square of Adam's step at
+:math:`\eta`, :math:`\eta\,\hat m^{(1)} / (\sigma + \epsilon)`:
+
+.. math:: u \leftarrow u \cdot \min\!\Big(1,\ \frac{\kappa\,\eta\,\operatorname{rms}\big(\hat m^{(1)} /
+          (\sigma + \epsilon)\big)}{\operatorname{rms}(u)}\Big), \qquad
+          \operatorname{rms}(x) = \sqrt{\overline{x^2}},
+
+which keeps the direction and the relative sizes the network chose within the tensor and bounds
+only its overall step (a tensor whose gradient is consistent, such as a bias that writes into a
+Transformer's residual stream, can otherwise be given many times Adam's step). In the residual design the output layer starts at zero, so the
 untrained rule is exactly Adam at learning rate ``lr`` (betas :math:`(\beta_1, \beta_v)`, the first
 momentum and the second moment above), and meta-training learns corrections to its direction and
 log step size (and :math:`\lambda`); it starts at least as good as Adam at its defaults. Otherwise
@@ -184,6 +194,9 @@ class MLPRule(Rule):
             parameters).
         total_steps: the run's length :math:`T`, used when :meth:`update` is not given one (``None``:
             unknown, the fraction-done features are 0).
+        max_step_ratio: :math:`\kappa`, the largest ratio of a tensor's step to Adam's at
+            :math:`\eta` (root mean squares over the tensor; see the module docstring), or ``None``
+            (the default): no bound.
 
     Weights: the first layer ``input_weight (H, 12)`` with ``input_bias (H,)`` and
     ``context_weight (H, 22)`` (progress, fraction done and rank), ``hidden_weights``/``hidden_biases``
@@ -204,7 +217,8 @@ class MLPRule(Rule):
     def __init__(self, hidden_size: int = 8, hidden_layers: int = 1, residual: bool = True, lr: float = 1e-3,
                  exp_mult: float = 1.0, momentum_decays: Sequence[float] = (0.9, 0.99, 0.999),
                  second_moment_decay: float = 0.999, factored_decay: float = 0.999, eps: float = 1e-8,
-                 instance_dims: int = 0, total_steps: int | None = None) -> None:
+                 instance_dims: int = 0, total_steps: int | None = None,
+                 max_step_ratio: float | None = None) -> None:
         super().__init__()
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.hidden_layers = check_positive_int("hidden_layers", hidden_layers)
@@ -224,6 +238,7 @@ class MLPRule(Rule):
             raise ValueError(f"instance_dims must be an integer >= 0, got {instance_dims!r}")
         self.instance_dims = instance_dims
         self.total_steps = self._check_total_steps(total_steps)
+        self.max_step_ratio = self.check_max_step_ratio(max_step_ratio)
         H = hidden_size
         self.input_weight = nn.Parameter(torch.empty(H, NUM_FEATURES))
         self.input_bias = nn.Parameter(torch.empty(H))
@@ -243,6 +258,14 @@ class MLPRule(Rule):
             raise ValueError(f"total_steps must be a positive integer (the run's length in steps) or None, got "
                              f"{total_steps!r}")
         return total_steps
+
+    @staticmethod
+    def check_max_step_ratio(max_step_ratio: Any) -> float | None:
+        """``max_step_ratio`` as a float, or ``None``; ``ValueError``/``TypeError`` unless it is ``None``
+        or a finite number > 0."""
+        if max_step_ratio is None:
+            return None
+        return check_hyperparameter("max_step_ratio", max_step_ratio, low=0.0, low_inclusive=False)
 
     def reset_parameters(self) -> None:
         """Re-initialise the weights (normal with variance 1/fan_in, zero biases; in the residual
@@ -280,6 +303,8 @@ class MLPRule(Rule):
             "eps": self.eps,
             "instance_dims": self.instance_dims,
             "total_steps": self.total_steps,
+            # listed only when set (the default, None, adds nothing to the config)
+            **({} if self.max_step_ratio is None else {"max_step_ratio": self.max_step_ratio}),
         }
 
     # ------------------------------------------------------------------------------ state
@@ -392,7 +417,21 @@ class MLPRule(Rule):
         if self.residual:
             direction = direction + adam
         log_step = self.log_lr_offset + (magnitude * self.exp_mult).clamp(-MAGNITUDE_CLIP, MAGNITUDE_CLIP)
-        return (torch.exp(log_step) * -self.lr) * direction
+        u = (torch.exp(log_step) * -self.lr) * direction
+        if self.max_step_ratio is None:
+            return u
+        return u * self._step_bound(adam.square().mean(-1, keepdim=True),
+                                    u.square().mean(-1, keepdim=True))
+
+    def _step_bound(self, adam_sq: Tensor, u_sq: Tensor) -> Tensor:
+        r"""The factor :math:`\min(1, \kappa\eta\operatorname{rms}(\hat a) / \operatorname{rms}(u))`
+        from the mean squares of Adam's direction :math:`\hat a` and of the step :math:`u` (any
+        matching shapes), differentiable and finite in both branches (a zero step keeps factor 1; a
+        non-finite one is left as it is, for the caller's non-finite check)."""
+        limit = (self.max_step_ratio * self.lr) * torch.exp(self.log_lr_offset) * torch.sqrt(adam_sq + TINY)
+        over = u_sq > limit * limit
+        one = torch.ones_like(u_sq)
+        return torch.where(over, limit * torch.rsqrt(torch.where(over, u_sq, one)), one)
 
     @staticmethod
     def _scales(sums: Tensor, n: int, bcv: float) -> Tensor:
@@ -494,10 +533,18 @@ class MLPRule(Rule):
                 alpha, gamma = self._factors(lay, r, c, consts[4])
             scales = [row.unbind() for row in self._scales(sums, lay.n, consts[3]).unbind()]  # [instance][feature]
             u = torch.empty(lay.instances, lay.n, dtype=dtype, device=param.device)
-            for i, start, end, ra, rb, ca, cb in blocks:
+            adam_sq = None if self.max_step_ratio is None else torch.zeros(len(blocks), dtype=dtype,
+                                                                           device=param.device)
+            for b, (i, start, end, ra, rb, ca, cb) in enumerate(blocks):
                 block = [t[i, start:end] for t in flat]
                 factors = None if alpha is None else (alpha[i, ra:rb], gamma[i, ca:cb])
-                work.step(*block, factors, scales[i], lay.rank, u[i, start:end])
+                work.step(*block, factors, scales[i], lay.rank, u[i, start:end],
+                          None if adam_sq is None else adam_sq[b])
+            if adam_sq is not None:
+                mean = 1.0 / max(lay.n, 1)
+                a_sq = adam_sq.view(lay.instances, -1).sum(1) * (mean / consts[0] ** 2)
+                u_sq = torch.linalg.vector_norm(u, dim=1).square() * mean
+                u.mul_(self._step_bound(a_sq, u_sq).unsqueeze(1))
             updates[k] = u.reshape(param.shape).to(param.dtype)
         return updates, state
 
@@ -543,7 +590,7 @@ class MLPRule(Rule):
         bv = self.second_moment_decay
         coef = (1.0 - b1, 1.0 - b2, 1.0 - b3, bv, 1.0 - bv, 1.0 - self.factored_decay, 1.0 / bc1, 1.0 / bc2,
                 1.0 / bc3, 1.0 / bcv, 1.0 / bcf, math.sqrt(1.0 / bcv), self.eps, self.lr, float(self.log_lr_offset),
-                float(self.residual))
+                float(self.residual), self.max_step_ratio or 0.0)
         updates: Params = {}
         entries: list[kernels.MLPEntry] = []
         for k, param in params.items():
@@ -633,8 +680,11 @@ class _Workspace:
         return part.view(lay.instances, per, 6).sum(1), rsum, csum
 
     def step(self, g: Tensor, p: Tensor, m1: Tensor, m2: Tensor, m3: Tensor, v: Tensor,
-             factors: tuple[Tensor, Tensor] | None, s: Sequence[Tensor], rank: int, out: Tensor) -> None:
-        """Second pass, one block: write its update into ``out``."""
+             factors: tuple[Tensor, Tensor] | None, s: Sequence[Tensor], rank: int, out: Tensor,
+             adam_sq: Tensor | None = None) -> None:
+        r"""Second pass, one block: write its update into ``out`` (before any ``max_step_ratio``
+        bound) and, given ``adam_sq`` (a 0-d tensor), the sum of the squares of
+        :math:`m^{(1)} / (\sigma + \epsilon)` (the momentum before its bias correction) into it."""
         rule = self.rule
         n = g.numel()
         bc1, bc2, bc3, bcv, _ = self.consts
@@ -646,6 +696,8 @@ class _Workspace:
         torch.add(v, TINY, out=sigma).sqrt_().mul_(math.sqrt(1.0 / bcv))
         torch.add(sigma, rule.eps, out=inv).reciprocal_()
         torch.mul(m1, inv, out=adam)  # times 1/bc1: Adam's direction
+        if adam_sq is not None:
+            torch.dot(adam, adam, out=adam_sq)
         for row, t, scale in zip(rows, (g, p, m1, m2, m3, sigma), s):
             torch.mul(t, scale, out=row)
         torch.mul(adam, 1.0 / bc1, out=rows[6])
