@@ -155,29 +155,38 @@ def test_max_step_ratio_bounds_each_tensors_step_and_keeps_its_direction(inplace
         u_free, state = fn(free)(grads, free.init(params), params, step=2)
         u_bound, _ = fn(bounded)(grads, bounded.init(params), params, step=2)
     adam = _adam_directions(free, state, 2)
-    dims = tuple(range(instance_dims, 4 + instance_dims))
     eta = free.nominal_lr
+    instances = shapes["w"][0] if instance_dims else 1
     bound_hit = within = 0
     for k in params:
-        lead = (-1,) if instance_dims else ()
-        flat = lambda t: t.reshape(*lead, t[(0,) * instance_dims].numel()) if instance_dims else t.reshape(-1)  # noqa: E731
-        rms = lambda t: flat(t).square().mean(-1).sqrt()  # noqa: E731
-        limit = kappa * eta * rms(adam[k])
-        factor = torch.clamp(limit / rms(u_free[k]), max=1.0)
-        want = flat(u_free[k]) * factor.unsqueeze(-1) if instance_dims else flat(u_free[k]) * factor
-        torch.testing.assert_close(flat(u_bound[k]), want, rtol=1e-5, atol=1e-12)
-        assert bool((rms(u_bound[k]) <= limit * (1 + 1e-5)).all())
+        free_k, bound_k = u_free[k].reshape(instances, -1), u_bound[k].reshape(instances, -1)
+        limit = kappa * eta * adam[k].reshape(instances, -1).square().mean(-1).sqrt()
+        factor = torch.clamp(limit / free_k.square().mean(-1).sqrt(), max=1.0)
+        torch.testing.assert_close(bound_k, free_k * factor.unsqueeze(-1), rtol=1e-5, atol=1e-12)
+        assert bool((bound_k.square().mean(-1).sqrt() <= limit * (1 + 1e-5)).all())
         bound_hit += int((factor < 1).sum())
         within += int((factor == 1).sum())
-    assert bound_hit > 0 and within > 0, (bound_hit, within, dims)
+    assert bound_hit > 0 and within > 0, (bound_hit, within)
 
 
-def test_max_step_ratio_second_order_meta_gradient_gradcheck():
+def test_max_step_ratio_second_order_meta_gradient_gradcheck(monkeypatch):
+    """Through steps where the bound holds some instances' steps down and leaves others."""
+    factors = []
+    bound = MLPRule._step_bound
+
+    def recorded(self, adam_sq, u_sq):
+        factor = bound(self, adam_sq, u_sq)
+        factors.append(factor.detach().flatten())
+        return factor
+
+    monkeypatch.setattr(MLPRule, "_step_bound", recorded)
     task = _tiny_mlp_task(5, torch.float64, "tanh")
     rule = trained_mlp_rule(1, hidden_size=3, residual=True, total_steps=3, instance_dims=1, lr=0.05,
                             max_step_ratio=0.7).double()
     fn, inputs = _meta_loss_fn(rule, task, 3, second_order=True)
     assert torch.autograd.gradcheck(fn, inputs)
+    seen = torch.cat(factors)
+    assert bool((seen < 1).any()) and bool((seen == 1).any())
 
 
 # ----------------------------------------------------------------------------- the untrained rule is Adam

@@ -398,8 +398,8 @@ static void mlp_step_chunk(float *const *t, const int64_t *d, const float *coef,
         mlp_step_run(t, d, coef, i, j0, j1, s, alpha, gamma, w1, hid, last, H, L, sums);
 }
 
-/* Phase 4, instance i: the max_step_ratio bound on its update (see the header comment) from the
- * per chunk sums (2 doubles per chunk, per chunks). */
+/* Phase 4, instance i: the max_step_ratio bound on its update (see the header comment), from
+ * phase 3's sums of its `per` chunks (two doubles per chunk, in chunk order). */
 static void mlp_bound(float *const *t, const int64_t *d, const float *coef, int64_t i, int64_t per,
                       const double *sums) {
     const int64_t n = d[D_N];

@@ -75,12 +75,14 @@ instance's) is then held to at most :math:`\kappa` times the root mean square of
 
 which keeps the direction and the relative sizes the network chose within the tensor and bounds
 only its overall step (a tensor whose gradient is consistent, such as a bias that writes into a
-Transformer's residual stream, can otherwise be given many times Adam's step). In the residual design the output layer starts at zero, so the
-untrained rule is exactly Adam at learning rate ``lr`` (betas :math:`(\beta_1, \beta_v)`, the first
-momentum and the second moment above), and meta-training learns corrections to its direction and
-log step size (and :math:`\lambda`); it starts at least as good as Adam at its defaults. Otherwise
-(small_fc_lopt's design) the output layer is initialised like the others and the untrained rule
-takes small, random steps of size about ``lr``.
+Transformer's residual stream, can otherwise be given many times Adam's step).
+
+In the residual design the output layer starts at zero, so the untrained rule is exactly Adam at
+learning rate ``lr`` (betas :math:`(\beta_1, \beta_v)`, the first momentum and the second moment
+above; with a bound, when :math:`\kappa \ge 1`), and meta-training learns corrections to its
+direction and log step size (and :math:`\lambda`); it starts at least as good as Adam at its
+defaults. Otherwise (small_fc_lopt's design) the output layer is initialised like the others and the
+untrained rule takes small, random steps of size about ``lr``.
 
 Separable per tensor and equivariant to permuting the coordinates of a tensor (every statistic
 over a tensor is symmetric in its coordinates; the factored ones in its rows and in its columns).
