@@ -29,7 +29,8 @@ With ``--mlp-rule`` it also times the memory-light :class:`l2o.MLPRule` on a ~10
 (ten 1000 x 1000 layers by default) next to ``torch.optim.Adam`` and ``torch.optim.AdamW``
 (``foreach=True``, lr 1e-3), at each of ``--mlp-threads`` (default 1 and 2), all in the same run and
 interleaved (one step of each in turn, ``--repeats`` rounds; median and minimum reported): the drop-in
-``LearnedOptimizer(rule=MLPRule())`` and ``MLPRule.update_`` called once on all parameters (what an
+``LearnedOptimizer(rule=MLPRule())``, the same with a ``max_step_ratio`` bound that holds every
+tensor's step down (``bounded``) and ``MLPRule.update_`` called once on all parameters (what an
 adapter calling the rule once per param group runs), with the update added to the parameters.
 ``--no-lstm`` skips the LSTM measurement.
 
@@ -157,6 +158,13 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
     return times
 
 
+#: The MLP-rule timing's contenders, in the order they are stepped and printed: ``bounded`` is the
+#: drop-in with ``MLPRule(max_step_ratio=BINDING_RATIO)``, a bound every tensor's step exceeds (the
+#: untrained rule steps like Adam, ratio 1), so its rescaling pass runs on every tensor.
+MLP_CONTENDERS = ("adam", "adamw", "learned_optimizer", "bounded", "update_all")
+BINDING_RATIO = 0.5
+
+
 def measure_mlp_rule(sizes: list[int], threads: list[int], repeats: int, warmup: int, seed: int) -> dict[str, object]:
     """ms per step of ``MLPRule`` (drop-in and one call on all params) against Adam and AdamW (foreach)."""
     from l2o.rules.mlp import MLPRule
@@ -166,13 +174,15 @@ def measure_mlp_rule(sizes: list[int], threads: list[int], repeats: int, warmup:
         torch.set_num_threads(n_threads)
         fns: dict[str, Callable[[], object]] = {}
         models = {}
-        for name in ("adam", "adamw", "learned_optimizer", "update_all"):
+        for name in MLP_CONTENDERS:
             model = make_model(sizes, seed)
             set_random_grads(model, seed + 1)
             models[name] = model
         fns["adam"] = torch.optim.Adam(models["adam"].parameters(), lr=1e-3, foreach=True).step
         fns["adamw"] = torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3, foreach=True).step
         fns["learned_optimizer"] = l2o.LearnedOptimizer(models["learned_optimizer"].parameters(), rule=MLPRule()).step
+        bounded = MLPRule(max_step_ratio=BINDING_RATIO)
+        fns["bounded"] = l2o.LearnedOptimizer(models["bounded"].parameters(), rule=bounded).step
         rule = MLPRule().requires_grad_(False)
         named = dict(models["update_all"].named_parameters())
         params = {k: p.detach() for k, p in named.items()}
@@ -206,11 +216,11 @@ def measure_mlp_rule(sizes: list[int], threads: list[int], repeats: int, warmup:
 def print_mlp_rule(result: dict[str, object]) -> None:
     print(f"\nMLPRule vs Adam/AdamW (foreach), MLP {'-'.join(map(str, result['sizes']))} ({result['params']:,} params), "
           f"state {result['state_floats_per_param']:.3f} floats/param (Adam: 2), {result['repeats']} interleaved rounds")
-    print(f"{'':22s}" + "".join(f"{name:>20s}" for name in ("adam", "adamw", "learned_optimizer", "update_all")))
+    print(f"{'':22s}" + "".join(f"{name:>20s}" for name in MLP_CONTENDERS))
     for row in result["rows"]:
         for stat in ("median", "min"):
             cells = "".join(f"{1e3 * row[stat + '_s'][k]:12.1f} ({row['over_adam_' + stat][k]:4.2f}x)"
-                            for k in ("adam", "adamw", "learned_optimizer", "update_all"))
+                            for k in MLP_CONTENDERS)
             print(f"{row['threads']} thread(s), {stat:6s} ms{cells}")
 
 
