@@ -3,7 +3,7 @@ r"""The torch.optim adapter: any l2o rule as a real :class:`torch.optim.Optimize
 ::
 
     import l2o
-    opt = l2o.LearnedOptimizer(model.parameters())  # the shipped "generalist"; or pretrained=, checkpoint=, rule=
+    opt = l2o.LearnedOptimizer(model.parameters())  # "generalist-bounded"; or pretrained=, checkpoint=, rule=
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5)
     for x, y in loader:
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
@@ -157,7 +157,7 @@ from .tree import is_namedtuple, state_fill, state_leaves
 __all__ = ["LearnedOptimizer", "DEFAULT_PRETRAINED"]
 
 #: The shipped rule ``LearnedOptimizer(params)`` uses when no rule is named.
-DEFAULT_PRETRAINED = "generalist"
+DEFAULT_PRETRAINED = "generalist-bounded"
 
 _PARAM_KEY = "p"  # the key of a parameter in the state template (and of per-parameter rule calls)
 
@@ -383,7 +383,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             by rules without such inputs.
 
     At most one of ``pretrained``, ``checkpoint`` and ``rule`` may be given; with none,
-    ``pretrained="generalist"`` (:data:`DEFAULT_PRETRAINED`) is used. See the module
+    ``pretrained="generalist-bounded"`` (:data:`DEFAULT_PRETRAINED`) is used. See the module
     docstring of :mod:`l2o.optim` for the state layout, non-finite updates, ``torch.compile`` and
     every difference from ``torch.optim``.
     """

@@ -1,7 +1,10 @@
-"""The shipped ``"generalist"`` rule as the default of ``l2o.LearnedOptimizer(params)``: what it is,
+"""The shipped ``"generalist-bounded"`` rule as the default of ``l2o.LearnedOptimizer(params)``: what it is,
 its state size, ``total_steps=``, and that it trains an ordinary model."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,17 +38,36 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[flo
     return losses
 
 
-def test_the_default_is_the_shipped_generalist_mlp_rule():
-    assert DEFAULT_PRETRAINED == "generalist"
-    assert "generalist" in [e["name"] for e in l2o.list_pretrained()]
+def test_the_default_is_the_shipped_generalist_with_its_step_bound():
+    assert DEFAULT_PRETRAINED == "generalist-bounded"
+    assert DEFAULT_PRETRAINED in [e["name"] for e in l2o.list_pretrained()]
     opt = l2o.LearnedOptimizer(_model().parameters())
-    shipped = l2o.load_pretrained("generalist")
+    shipped = l2o.load_pretrained(DEFAULT_PRETRAINED)
     assert isinstance(opt.rule, l2o.MLPRule) and opt.rule.instance_dims == 0 and opt.rule.total_steps is None
+    assert opt.rule.max_step_ratio == 2.0
     for a, b in zip(opt.rule.state_dict().values(), shipped.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    entry = next(e for e in l2o.list_pretrained() if e["name"] == "generalist")
-    assert entry["command"].startswith("l2o meta-train --task generalist")
+    entry = next(e for e in l2o.list_pretrained() if e["name"] == DEFAULT_PRETRAINED)
     assert entry["task"] == "generalist"
+
+
+def test_the_default_is_the_meta_trained_generalist_plus_the_bound_as_its_index_says(tmp_path):
+    """The default holds "generalist"'s meta-params unchanged; only the bound is added, and the
+    recipe its index entry records rebuilds it exactly."""
+    bounded, plain = l2o.load_pretrained("generalist-bounded"), l2o.load_pretrained("generalist")
+    assert bounded.config() == {**plain.config(), "max_step_ratio": 2.0}
+    for (ka, a), (kb, b) in zip(bounded.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(a, b)
+    entries = {e["name"]: e for e in l2o.list_pretrained()}
+    assert entries["generalist"]["command"].startswith("l2o meta-train --task generalist")
+    recipe = entries["generalist-bounded"]["command"]
+    assert recipe.startswith('python -c "') and entries["generalist"]["sha256"] in recipe
+    code = recipe[len('python -c "'):recipe.index('"   (')]
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
+    rebuilt = l2o.load_rule(tmp_path / entries["generalist-bounded"]["file"])
+    assert rebuilt.config() == entries["generalist-bounded"]["config"]
+    for a, b in zip(rebuilt.state_dict().values(), bounded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_the_default_keeps_four_floats_per_parameter_plus_factored_vectors():

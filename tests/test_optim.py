@@ -574,7 +574,7 @@ def test_frozen_submodule():
 
 def test_at_most_one_source_of_rule(tmp_path):
     ps = list(MLP().parameters())
-    assert isinstance(l2o.LearnedOptimizer(ps).rule, l2o.MLPRule)  # none: the shipped "generalist"
+    assert isinstance(l2o.LearnedOptimizer(ps).rule, l2o.MLPRule)  # none: the shipped "generalist-bounded"
     with pytest.raises(ValueError, match="got pretrained and rule"):
         l2o.LearnedOptimizer(ps, pretrained="quadratic", rule=l2o.Adam())
     with pytest.raises(ValueError, match="got pretrained and checkpoint and rule"):
@@ -798,7 +798,7 @@ def test_every_shipped_pretrained_rule_loads_and_steps():
     """Every entry of the real index (its checksum checked) loads and takes finite steps."""
     assert pretrained_mod.INDEX_PATH == Path(pretrained_mod.__file__).resolve().parent / "index.json"
     assert [entry["name"] for entry in l2o.list_pretrained()] == ["quadratic", "mnist", "mnist-nag", "mnist-paper",
-                                                                  "generalist", "generalist-base"]
+                                                                  "generalist-bounded", "generalist", "generalist-base"]
     for entry in l2o.list_pretrained():
         rule = l2o.load_pretrained(entry["name"])
         assert rule.name in l2o.rules.RULES
