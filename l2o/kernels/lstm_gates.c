@@ -52,6 +52,7 @@
 #elif defined(__AVX__) && !defined(L2O_PORTABLE)
 #define L2O_AVX512 0
 #define L2O_LANES 8
+#include <immintrin.h>
 #else
 #define L2O_AVX512 0
 #define L2O_LANES 4
@@ -100,6 +101,11 @@ L2O_INLINE l2o_vec l2o_exp(l2o_vec x) {
     /* max/min return their second operand when either is NaN, so NaN stays NaN */
     t = (l2o_vec)_mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-126.0f), (__m512)t));
     const l2o_vec n = (l2o_vec)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif L2O_LANES == 8
+    /* as above: max/min return their second operand when either is NaN */
+    t = (l2o_vec)_mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), (__m256)t));
+    const l2o_vec tm = t + 12582912.0f; /* 1.5 * 2^23: t + magic rounds t to an integer */
+    const l2o_vec n = tm - 12582912.0f;
 #else
     /* comparisons with NaN are false, so NaN stays NaN */
     const l2o_ivec hi = t > l2o_splat(126.0f), lo = t < l2o_splat(-126.0f);

@@ -67,7 +67,32 @@
 #define MLP_FLUSH_END
 #endif
 
+/* L2O_LANES doubles: per-lane sums in double precision. With 8 lanes (AVX without AVX-512) two
+ * 4-double registers; a 64-byte vector type there is lowered into 16-byte pieces spilled to the
+ * stack. Either way lane k of a sum adds the same numbers in the same order. */
+#if L2O_LANES == 8
+typedef double mlp_d4 __attribute__((vector_size(32)));
+typedef struct {
+    mlp_d4 lo, hi;
+} l2o_dvec;
+L2O_INLINE l2o_dvec mlp_dzero(void) { return (l2o_dvec){{0}, {0}}; }
+L2O_INLINE l2o_dvec mlp_dadd(l2o_dvec a, l2o_dvec b) { return (l2o_dvec){a.lo + b.lo, a.hi + b.hi}; }
+L2O_INLINE double mlp_dlane(l2o_dvec x, int64_t k) { return k < 4 ? x.lo[k] : x.hi[k - 4]; }
+L2O_INLINE void mlp_dadd_lane(l2o_dvec *x, int64_t k, double v) {
+    if (k < 4) x->lo[k] += v; else x->hi[k - 4] += v;
+}
+L2O_INLINE l2o_dvec mlp_wide(l2o_vec x) {
+    return (l2o_dvec){(mlp_d4)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)x)),
+                      (mlp_d4)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)x, 1))};
+}
+#else
 typedef double l2o_dvec __attribute__((vector_size(8 * L2O_LANES)));
+L2O_INLINE l2o_dvec mlp_dzero(void) { return (l2o_dvec){0}; }
+L2O_INLINE l2o_dvec mlp_dadd(l2o_dvec a, l2o_dvec b) { return a + b; }
+L2O_INLINE double mlp_dlane(l2o_dvec x, int64_t k) { return x[k]; }
+L2O_INLINE void mlp_dadd_lane(l2o_dvec *x, int64_t k, double v) { (*x)[k] += v; }
+L2O_INLINE l2o_dvec mlp_wide(l2o_vec x) { return __builtin_convertvector(x, l2o_dvec); }
+#endif
 
 /* Per tensor: the 6 dims and the 9 pointers the caller passes (see l2o_mlp_update_f32). */
 enum { D_INST, D_N, D_ROWS, D_COLS, D_FACTORED, D_RANK, D_COUNT };
@@ -85,6 +110,8 @@ enum {
 L2O_INLINE l2o_vec mlp_splat(float x) {
 #if L2O_AVX512
     return (l2o_vec)_mm512_set1_ps(x);
+#elif L2O_LANES == 8
+    return (l2o_vec)_mm256_set1_ps(x); /* the loop below can compile to lane-by-lane inserts */
 #else
     l2o_vec r;
     for (int k = 0; k < L2O_LANES; ++k) r[k] = x;
@@ -92,17 +119,26 @@ L2O_INLINE l2o_vec mlp_splat(float x) {
 #endif
 }
 
-/* clip to +-c; NaN stays NaN (comparisons with NaN are false) */
+/* clip to +-c; NaN stays NaN (comparisons with NaN are false; x86's min and max return their
+ * second operand when either is NaN) */
 L2O_INLINE l2o_vec mlp_clip(l2o_vec x, float c) {
+#if L2O_LANES == 8
+    return (l2o_vec)_mm256_min_ps(_mm256_set1_ps(c), _mm256_max_ps(_mm256_set1_ps(-c), (__m256)x));
+#else
     const l2o_vec cv = mlp_splat(c), ncv = mlp_splat(-c);
     const l2o_ivec hi = x > cv, lo = x < ncv;
     return (l2o_vec)((hi & (l2o_ivec)cv) | (lo & (l2o_ivec)ncv) | (~(hi | lo) & (l2o_ivec)x));
+#endif
 }
 
 /* max(x, 0); NaN stays NaN, as in torch */
 L2O_INLINE l2o_vec mlp_relu(l2o_vec x) {
+#if L2O_LANES == 8
+    return (l2o_vec)_mm256_max_ps(_mm256_setzero_ps(), (__m256)x); /* max(0, -0) is the second operand, -0 */
+#else
     const l2o_ivec neg = x < mlp_splat(0.0f);
     return (l2o_vec)(~neg & (l2o_ivec)x);
+#endif
 }
 
 /* torch.lerp(m, g, w) for a scalar weight w: m + w (g - m) if |w| < 1/2, else g - (g - m)(1 - w) */
@@ -111,11 +147,9 @@ L2O_INLINE l2o_vec mlp_lerp(l2o_vec m, l2o_vec g, float w) {
     return w < 0.5f ? l2o_fma(mlp_splat(w), d, m) : l2o_fnma(d, mlp_splat(1.0f - w), g);
 }
 
-L2O_INLINE l2o_dvec mlp_wide(l2o_vec x) { return __builtin_convertvector(x, l2o_dvec); }
-
 L2O_INLINE double mlp_hsum(l2o_dvec x) {
     double s = 0.0;
-    for (int k = 0; k < L2O_LANES; ++k) s += x[k];
+    for (int k = 0; k < L2O_LANES; ++k) s += mlp_dlane(x, k);
     return s;
 }
 
@@ -133,21 +167,21 @@ L2O_INLINE void mlp_accumulate_vec(const float *restrict gp, const float *restri
     l2o_store(m3 + j, c, w);
     l2o_store(vp + j, v, w);
     const l2o_dvec dg2 = mlp_wide(g2);
-    acc[0] += dg2;
-    acc[1] += mlp_wide(p * p);
-    acc[2] += mlp_wide(a * a);
-    acc[3] += mlp_wide(b * b);
-    acc[4] += mlp_wide(c * c);
-    acc[5] += mlp_wide(v);
-    *gsum += dg2;
+    acc[0] = mlp_dadd(acc[0], dg2);
+    acc[1] = mlp_dadd(acc[1], mlp_wide(p * p));
+    acc[2] = mlp_dadd(acc[2], mlp_wide(a * a));
+    acc[3] = mlp_dadd(acc[3], mlp_wide(b * b));
+    acc[4] = mlp_dadd(acc[4], mlp_wide(c * c));
+    acc[5] = mlp_dadd(acc[5], mlp_wide(v));
+    *gsum = mlp_dadd(*gsum, dg2);
     if (cs) {
         if (w >= L2O_LANES) {
             l2o_dvec x;
             memcpy(&x, cs, sizeof x);
-            x += dg2;
+            x = mlp_dadd(x, dg2);
             memcpy(cs, &x, sizeof x);
         } else {
-            for (int64_t k = 0; k < w; ++k) cs[k] += dg2[k];
+            for (int64_t k = 0; k < w; ++k) cs[k] += mlp_dlane(dg2, k);
         }
     }
 }
@@ -160,7 +194,7 @@ static l2o_dvec mlp_accumulate_run(float *const *t, const float *coef, int64_t j
     const float *gp = t[P_G], *pp = t[P_P];
     float *m1 = t[P_M1], *m2 = t[P_M2], *m3 = t[P_M3], *vp = t[P_V];
     const float cf[5] = {coef[C_W1], coef[C_W2], coef[C_W3], coef[C_BV], coef[C_WV]};
-    l2o_dvec a[6] = {acc[0], acc[1], acc[2], acc[3], acc[4], acc[5]}, gsum = {0};
+    l2o_dvec a[6] = {acc[0], acc[1], acc[2], acc[3], acc[4], acc[5]}, gsum = mlp_dzero();
     int64_t j = j0;
     if (colsum) {
         for (; j + L2O_LANES <= j1; j += L2O_LANES)
@@ -196,7 +230,8 @@ static void mlp_accumulate_group(float *const *t, const int64_t *d, const float 
     float *ti[P_COUNT];
     for (int k = 0; k < P_COUNT; ++k) ti[k] = t[k];
     for (int k = P_G; k <= P_V; ++k) ti[k] = t[k] + i * n;
-    l2o_dvec acc[6] = {{0}, {0}, {0}, {0}, {0}, {0}};
+    l2o_dvec acc[6];
+    for (int k = 0; k < 6; ++k) acc[k] = mlp_dzero();
     if (d[D_FACTORED]) {
         const int64_t R = d[D_ROWS], C = d[D_COLS];
         const int64_t r0 = R * q / groups, r1 = R * (q + 1) / groups;
@@ -321,10 +356,13 @@ L2O_INLINE void mlp_step_vec(const float *restrict gp, const float *restrict pp,
     if (sq) { /* phase 4's sums of (m_1 inv)^2 and u^2, over the first w lanes */
         const l2o_vec a2 = adam * adam, u2 = u * u;
         if (w >= L2O_LANES) {
-            sq[0] += mlp_wide(a2);
-            sq[1] += mlp_wide(u2);
+            sq[0] = mlp_dadd(sq[0], mlp_wide(a2));
+            sq[1] = mlp_dadd(sq[1], mlp_wide(u2));
         } else {
-            for (int64_t k = 0; k < w; ++k) sq[0][k] += (double)a2[k], sq[1][k] += (double)u2[k];
+            for (int64_t k = 0; k < w; ++k) {
+                mlp_dadd_lane(&sq[0], k, (double)a2[k]);
+                mlp_dadd_lane(&sq[1], k, (double)u2[k]);
+            }
         }
     }
 }
@@ -335,7 +373,7 @@ L2O_INLINE void mlp_step_run(float *const *t, const int64_t *d, const float *coe
                              const float *s, const float *alpha, const float *gamma, const float *w1,
                              const float *hid, const float *last, int64_t H, int64_t L, double *sums) {
     const int64_t n = d[D_N], C = d[D_COLS], factored = d[D_FACTORED] && C > 0;
-    l2o_dvec acc[2] = {{0}, {0}};
+    l2o_dvec acc[2] = {mlp_dzero(), mlp_dzero()};
     l2o_dvec *sq = sums ? acc : NULL;
     const float *gp = t[P_G] + i * n, *pp = t[P_P] + i * n, *m1p = t[P_M1] + i * n, *m2p = t[P_M2] + i * n;
     const float *m3p = t[P_M3] + i * n, *vp = t[P_V] + i * n;
