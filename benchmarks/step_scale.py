@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import l2o  # noqa: E402
-from generalist_tasks import TASKS, default_data_dir  # noqa: E402
+from generalist_tasks import ALL_TASKS, default_data_dir  # noqa: E402
 
 
 def make_optimizer(rule: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -41,7 +41,7 @@ def make_optimizer(rule: str, params: list[torch.nn.Parameter]) -> torch.optim.O
 def step_scale(task_name: str, rule: str, steps: int, at: list[int], *, seed: int = 0, adam_lr: float = 1e-3,
                data: Path | None = None) -> dict:
     """The ratios of the module docstring: ``{"steps": at, "loss": [...], "ratio": {tensor: [...]}}``."""
-    task = TASKS[task_name]
+    task = ALL_TASKS[task_name]
     splits = task.load(data, False, task.batch_size)
     torch.manual_seed(seed)
     model = task.make_model()
@@ -76,7 +76,7 @@ def step_scale(task_name: str, rule: str, steps: int, at: list[int], *, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="char-gpt", choices=sorted(TASKS))
+    p.add_argument("--task", default="char-gpt", choices=sorted(ALL_TASKS))
     p.add_argument("--rule", default="generalist", help="adam, a shipped rule's name, or a checkpoint path (.pt)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--at", default="0,10,50,100,200,399", help="comma-separated steps to report")
