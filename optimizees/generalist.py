@@ -27,6 +27,10 @@ Not in the default mixture, chosen with ``components=`` (``l2o meta-train --comp
 ``zipf-transformer``    a 1-block Transformer (width 64, 4 heads) on a Zipf-skewed Markov chain
                         over 64 or 128 tokens per task (a text-like unigram distribution: a few
                         frequent tokens, many rare ones), 32-token sequences, batches of 8
+``omniglot-normconv``   ``omniglot-conv``'s convnets with a normalisation layer after every conv,
+                        BatchNorm (batch statistics in training) or LayerNorm over channels and
+                        positions (``GroupNorm(1, C)``), drawn per task; Omniglot only, so that no
+                        MNIST model with normalisation layers is in the mixture
 ======================  ========================================================================
 
 Every image model's initial weights are its module's own initialisation times a log-uniform
@@ -62,7 +66,10 @@ __all__ = ["generalist_family", "COMPONENTS", "OPTIONAL_COMPONENTS", "random_mlp
 COMPONENTS: dict[str, float] = {"mnist-mlp": 3.0, "mnist-conv": 2.0, "omniglot-conv": 2.0, "markov-gru": 2.0,
                                 "quadratic": 1.0}
 #: Components that ``components=`` may add to the default ones.
-OPTIONAL_COMPONENTS: tuple[str, ...] = ("mnist-mlp-deep", "markov-transformer", "zipf-transformer")
+OPTIONAL_COMPONENTS: tuple[str, ...] = ("mnist-mlp-deep", "markov-transformer", "zipf-transformer",
+                                        "omniglot-normconv")
+#: The normalisation layers ``random_convnet(norm="draw")`` draws from, by name.
+_NORMS: dict[str, Callable[[int], nn.Module]] = {"batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                                                     "sigmoid": nn.Sigmoid, "elu": nn.ELU}
@@ -99,16 +106,21 @@ def random_mlp(inputs: int, classes: int, generator: torch.Generator, *, depths:
     return nn.Sequential(*layers)
 
 
-def random_convnet(classes: int, generator: torch.Generator) -> nn.Module:
+def random_convnet(classes: int, generator: torch.Generator, *, norm: str | None = None) -> nn.Module:
     """1-2 stride-2 3x3 conv layers of 4-16 channels (activation drawn too) and a linear read-out,
-    on ``(B, 1, 28, 28)`` images."""
+    on ``(B, 1, 28, 28)`` images. ``norm``: ``None`` (no normalisation), ``"batch"``, ``"layer"``
+    (``GroupNorm(1, C)``) after every conv, or ``"draw"`` (one of the two, drawn after the rest)."""
+    if norm is not None and norm != "draw" and norm not in _NORMS:
+        raise ValueError(f"norm must be None, 'draw' or one of {', '.join(map(repr, _NORMS))}; got {norm!r}")
     depth = _choice((1, 2), generator)
     channels = _choice((4, 8, 16), generator)
     act = _ACTIVATIONS[_choice(("relu", "tanh", "gelu", "elu"), generator)]
+    if norm == "draw":
+        norm = _choice(tuple(_NORMS), generator)
     layers: list[nn.Module] = []
     c, size = 1, 28
     for _ in range(depth):
-        layers += [nn.Conv2d(c, channels, 3, stride=2, padding=1), act()]
+        layers += [nn.Conv2d(c, channels, 3, stride=2, padding=1), *([_NORMS[norm](channels)] if norm else []), act()]
         c, size = channels, (size + 1) // 2
     layers += [nn.Flatten(), nn.Linear(c * size * size, classes)]
     return nn.Sequential(*layers)
@@ -136,12 +148,13 @@ class _ImageBatches:
 
 
 class _OmniglotCharacters(ModuleFamily):
-    """Convnets classifying ``ways`` characters of the meta-training split, drawn per task."""
+    """Convnets classifying ``ways`` characters of the meta-training split, drawn per task (with
+    ``norm``, :func:`random_convnet`'s normalisation layers)."""
 
-    def __init__(self, images: Tensor, ways: int, batch_size: int) -> None:
-        super().__init__(lambda g: random_convnet(ways, g), _no_shared_batches, F.cross_entropy,
-                         name=f"omniglot-conv-{ways}way", init_scale=_INIT_SCALE)
-        self.images, self.ways, self.batch_size = images, ways, batch_size
+    def __init__(self, images: Tensor, ways: int, batch_size: int, norm: str | None = None) -> None:
+        super().__init__(lambda g: random_convnet(ways, g, norm=norm), _no_shared_batches, F.cross_entropy,
+                         name=f"omniglot-{'norm' if norm else ''}conv-{ways}way", init_scale=_INIT_SCALE)
+        self.images, self.ways, self.batch_size, self.norm = images, ways, batch_size, norm
 
     def task_batches(self, generator: torch.Generator) -> _ImageBatches:
         chars = torch.randperm(len(self.images), generator=generator)[:self.ways]
@@ -152,7 +165,8 @@ class _OmniglotCharacters(ModuleFamily):
         return _ImageBatches(*train, held_out, self.batch_size)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "ways": self.ways, "batch_size": self.batch_size}
+        return {**super().config(), "ways": self.ways, "batch_size": self.batch_size,
+                **({"norm": self.norm} if self.norm else {})}
 
 
 def _no_shared_batches(split: str, generator: torch.Generator) -> Any:  # pragma: no cover - never called
@@ -164,7 +178,7 @@ def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
     """The mixture of the module docstring (weights :data:`COMPONENTS`, or ``components``: names
     from :data:`COMPONENTS` and :data:`OPTIONAL_COMPONENTS` with their weights).
 
-    Reads MNIST and (for ``omniglot-conv``) Omniglot from ``data_dir`` or ``$L2O_DATA``.
+    Reads MNIST and (for ``omniglot-conv`` and ``omniglot-normconv``) Omniglot from ``data_dir`` or ``$L2O_DATA``.
     """
     weights = dict(COMPONENTS if components is None else components)
     known = (*COMPONENTS, *OPTIONAL_COMPONENTS)
@@ -198,12 +212,14 @@ def generalist_family(data_dir: str | os.PathLike[str] | None = None, *,
                 add(ModuleFamily(lambda g: random_convnet(10, g), _ImageBatches(images, mnist.train_y, held_out, b),
                                  F.cross_entropy, name=f"mnist-conv-b{b}", init_scale=_INIT_SCALE),
                     weights["mnist-conv"] / 2)
-    if "omniglot-conv" in weights:
+    if "omniglot-conv" in weights or "omniglot-normconv" in weights:
         omniglot = load_omniglot(data_dir)
         train_chars = split_characters(len(omniglot.characters), "train")
         images = omniglot.images[train_chars.start:train_chars.stop]
-        for ways in (5, 10, 20):
-            add(_OmniglotCharacters(images, ways, 32), weights["omniglot-conv"] / 3)
+        for name, norm in (("omniglot-conv", None), ("omniglot-normconv", "draw")):
+            if name in weights:
+                for ways in (5, 10, 20):
+                    add(_OmniglotCharacters(images, ways, 32, norm), weights[name] / 3)
     if "markov-gru" in weights:
         for hidden in (16, 32):
             add(sequence_family(hidden=hidden, init_scale=_INIT_SCALE), weights["markov-gru"] / 2)

@@ -71,6 +71,53 @@ def test_random_architectures_vary():
     assert out.shape == (2, 7)
 
 
+def test_random_convnet_normalisation_layers():
+    """norm= puts a BatchNorm or GroupNorm(1, C) after every conv, drawn after the architecture, so
+    the convs of a seed are those of the plain network; a bad name is refused."""
+    for seed in range(6):
+        plain = random_convnet(5, torch.Generator().manual_seed(seed))
+        convs = [m for m in plain if isinstance(m, torch.nn.Conv2d)]
+        for norm, kind in (("batch", torch.nn.BatchNorm2d), ("layer", torch.nn.GroupNorm)):
+            net = random_convnet(5, torch.Generator().manual_seed(seed), norm=norm)
+            layers = list(net)
+            assert [(m.in_channels, m.out_channels) for m in layers if isinstance(m, torch.nn.Conv2d)] == [
+                (m.in_channels, m.out_channels) for m in convs]
+            after = [layers[i + 1] for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d)]
+            assert all(isinstance(m, kind) for m in after) and len(after) == len(convs)
+            if kind is torch.nn.GroupNorm:
+                assert all(m.num_groups == 1 for m in after)
+    drawn = {type(m).__name__ for s in range(20) for m in random_convnet(5, torch.Generator().manual_seed(s), norm="draw")}
+    assert {"BatchNorm2d", "GroupNorm"} <= drawn
+    with pytest.raises(ValueError, match="norm must be None, 'draw' or one of 'batch', 'layer'; got 'instance'"):
+        random_convnet(5, torch.Generator(), norm="instance")
+
+
+def test_the_omniglot_normconv_component_meta_trains(shared_data_dir):
+    """The optional component: Omniglot convnets with normalisation layers, whose tasks conform and
+    meta-train (BatchNorm's batch statistics in the unroll)."""
+    import l2o
+
+    mix = generalist_family(shared_data_dir, components={"omniglot-normconv": 1.0})
+    assert [f.name for f in mix.families] == [f"omniglot-normconv-{w}way" for w in (5, 10, 20)]
+    assert all(f.config()["norm"] == "draw" for f in mix.families)
+    assert "norm" not in generalist_family(shared_data_dir, components={"omniglot-conv": 1.0}).families[0].config()
+    kinds = set()
+    for seed in range(12):
+        task = mix.sample(torch.Generator().manual_seed(seed))
+        kinds |= {type(m).__name__ for m in task.model.modules()} & {"BatchNorm2d", "GroupNorm"}
+        if seed < 2:
+            check_task(task)
+    assert kinds == {"BatchNorm2d", "GroupNorm"}
+    config = l2o.MetaTrainConfig(epochs=2, tasks_per_step=2, horizon=6, truncation=3, meta_split=META,
+                                 num_val_tasks=1, validate_every=2, val_horizon=6)
+    start = {k: v.clone() for k, v in l2o.MLPRule().state_dict().items()}
+    result = l2o.meta_train(l2o.MLPRule(), mix, config, progress=False)
+    assert result.meta_steps == 4 and result.skipped_steps == 0
+    assert all(math.isfinite(v) for v in result.history["epoch_loss"] + result.history["val_loss"])
+    changed = [not torch.equal(a, b) for a, b in zip(result.rule.state_dict().values(), start.values(), strict=True)]
+    assert any(changed)  # the meta-gradient reached the rule through the normalised networks
+
+
 def test_random_mlp_draws_from_the_given_depths_widths_and_activations():
     seen = set()
     for s in range(40):

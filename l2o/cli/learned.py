@@ -32,8 +32,8 @@ def add_meta_train_parser(sub: Any) -> None:
     mt.add_argument("--out", required=True, type=Path, help="checkpoint path to write")
     mt.add_argument("--components", type=components, default=None, metavar="NAME=W,...",
                     help="generalist: the mixture's components and their weights (default mnist-mlp=3,mnist-conv=2,"
-                         "omniglot-conv=2,markov-gru=2,quadratic=1; mnist-mlp-deep, markov-transformer and "
-                         "zipf-transformer are available too)")
+                         "omniglot-conv=2,markov-gru=2,quadratic=1; mnist-mlp-deep, markov-transformer, "
+                         "zipf-transformer and omniglot-normconv are available too)")
     mt.add_argument("--rule", default=None, choices=["lstm", "mlp"],
                     help="the learned rule: lstm (the coordinate-wise LSTM; quadratic and mnist default) or mlp "
                          "(l2o.MLPRule, 4 floats of state per parameter; generalist default)")
