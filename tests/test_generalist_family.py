@@ -86,7 +86,8 @@ def test_random_convnet_normalisation_layers():
             assert all(isinstance(m, kind) for m in after) and len(after) == len(convs)
             if kind is torch.nn.GroupNorm:
                 assert all(m.num_groups == 1 for m in after)
-    drawn = {type(m).__name__ for s in range(20) for m in random_convnet(5, torch.Generator().manual_seed(s), norm="draw")}
+    drawn = {type(m).__name__ for s in range(20)
+             for m in random_convnet(5, torch.Generator().manual_seed(s), norm="draw")}
     assert {"BatchNorm2d", "GroupNorm"} <= drawn
     with pytest.raises(ValueError, match="norm must be None, 'draw' or one of 'batch', 'layer'; got 'instance'"):
         random_convnet(5, torch.Generator(), norm="instance")

@@ -123,7 +123,7 @@ L2O_INLINE l2o_vec mlp_splat(float x) {
  * second operand when either is NaN) */
 L2O_INLINE l2o_vec mlp_clip(l2o_vec x, float c) {
 #if L2O_LANES == 8
-    return (l2o_vec)_mm256_min_ps(_mm256_set1_ps(c), _mm256_max_ps(_mm256_set1_ps(-c), (__m256)x));
+    return (l2o_vec)_mm256_min_ps((__m256)mlp_splat(c), _mm256_max_ps((__m256)mlp_splat(-c), (__m256)x));
 #else
     const l2o_vec cv = mlp_splat(c), ncv = mlp_splat(-c);
     const l2o_ivec hi = x > cv, lo = x < ncv;
